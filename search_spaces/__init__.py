@@ -1,0 +1,1 @@
+"""Declarative search spaces shipped with ranksearch (YAML files beside this module)."""
