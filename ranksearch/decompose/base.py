@@ -147,6 +147,16 @@ class DecompositionMethod(ABC):
                 hi = mid
         return self.rank_from_scale(spec, lo)
 
+    def rank_matrices(self, layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
+        """The matrices whose ranks are this method's ranks, one per rank component.
+
+        Rank heuristics (VBMF, energy) read these: for ``svd`` the weight matrix, for ``tucker2``
+        the mode unfoldings. Each entry is ``(m, n)`` or, for grouped convs, ``(groups, m, n)``.
+        An empty list means the method has no such matricization (heuristics then use a
+        documented rule instead).
+        """
+        return []
+
     def break_even_rank(self, spec: LayerSpec) -> Rank | None:
         """The largest rank whose replacement is no more expensive than the original layer."""
         return self.rank_for_cost_fraction(spec, 1.0)

@@ -50,9 +50,12 @@ class ChannelDecomposition(DecompositionMethod):
             make_conv(dims, groups * r, spec.out_features, 1, groups=groups, bias=spec.bias),
         )
 
+    def rank_matrices(self, layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
+        return [weight_as_float(layer).reshape(spec.groups, spec.out_features // spec.groups, -1)]
+
     def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
         r, groups = int(rank), spec.groups  # type: ignore[arg-type]
-        matrix = weight_as_float(layer).reshape(groups, spec.out_features // groups, -1)
+        matrix = self.rank_matrices(layer, spec)[0]  # (G, N/G, C/G*k*k)
         lefts, rights = [], []
         for g in range(groups):
             u, s, vh = cached_svd(layer.weight, matrix[g], ("channel", g))

@@ -66,16 +66,20 @@ class SpatialDecomposition(DecompositionMethod):
                       dilation=(1, dw), groups=groups, bias=spec.bias, padding_mode=spec.padding_mode),
         )
 
+    def rank_matrices(self, layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
+        groups, (kh, kw) = spec.groups, spec.kernel_size
+        n_g, c_g = spec.out_features // groups, spec.in_features // groups
+        weight = weight_as_float(layer).reshape(groups, n_g, c_g, kh, kw)
+        return [weight.permute(0, 2, 3, 1, 4).reshape(groups, c_g * kh, n_g * kw)]
+
     def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
         r, groups = int(rank), spec.groups  # type: ignore[arg-type]
         kh, kw = spec.kernel_size
         n_g, c_g = spec.out_features // groups, spec.in_features // groups
-        weight = weight_as_float(layer).reshape(groups, n_g, c_g, kh, kw)
+        matrices = self.rank_matrices(layer, spec)[0]  # M[g, (c, i), (n, j)] = W[g*n_g + n, c, i, j]
         firsts, seconds = [], []
         for g in range(groups):
-            # M[(c, i), (n, j)] = W[n, c, i, j]
-            matrix = weight[g].permute(1, 2, 0, 3).reshape(c_g * kh, n_g * kw)
-            u, s, vh = cached_svd(layer.weight, matrix, ("spatial", g))
+            u, s, vh = cached_svd(layer.weight, matrices[g], ("spatial", g))
             left, right = split_singular_values(u, s, vh, r)  # (c_g*kh, r), (r, n_g*kw)
             firsts.append(left.reshape(c_g, kh, r).permute(2, 0, 1).unsqueeze(-1))  # (r, c_g, kh, 1)
             seconds.append(right.reshape(r, n_g, kw).permute(1, 0, 2).unsqueeze(2))  # (n_g, r, 1, kw)

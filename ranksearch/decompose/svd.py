@@ -61,12 +61,18 @@ class SVD(DecompositionMethod):
             make_conv(dims, groups * r, spec.out_features, 1, groups=groups, bias=spec.bias),
         )
 
+    def rank_matrices(self, layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
+        weight = weight_as_float(layer)
+        if spec.kind == "embedding":
+            return [weight]
+        return [weight.reshape(spec.groups, spec.out_features // spec.groups, -1)]
+
     def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
         r = int(rank)  # type: ignore[arg-type]
-        weight = weight_as_float(layer)
+        matrix = self.rank_matrices(layer, spec)[0]
         first, second = replacement[0], replacement[1]  # type: ignore[index]
         if spec.kind == "embedding":
-            u, s, vh = cached_svd(layer.weight, weight, "embedding")
+            u, s, vh = cached_svd(layer.weight, matrix, "embedding")
             left, right = split_singular_values(u, s, vh, r)
             first.weight.copy_(left)
             second.weight.copy_(right.T)
@@ -74,8 +80,7 @@ class SVD(DecompositionMethod):
             first.scale_grad_by_freq = layer.scale_grad_by_freq
             first.sparse = layer.sparse
             return
-        groups = spec.groups
-        matrix = weight.reshape(groups, spec.out_features // groups, -1)  # (G, N/G, C/G)
+        groups = spec.groups  # matrix: (G, N/G, C/G)
         lefts, rights = [], []
         for g in range(groups):
             u, s, vh = cached_svd(layer.weight, matrix[g], ("group", g))
