@@ -24,6 +24,8 @@ from .exceptions import __all__ as _exception_names  # noqa: E402
 from .layers import LayerSpec, capture_layer_specs  # noqa: E402
 from .plan import CompressionPlan, LayerChoice, model_fingerprint  # noqa: E402
 from .rebuild import apply_plan  # noqa: E402
+from . import rank  # noqa: E402
+from .seeds import seed_plans  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,5 +42,7 @@ __all__ = [
     "get_method",
     "methods",
     "model_fingerprint",
+    "rank",
+    "seed_plans",
     *_exception_names,
 ]

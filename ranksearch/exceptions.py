@@ -23,6 +23,7 @@ __all__ = [
     "UnknownMethodError",
     "InvalidRankError",
     "UnsupportedLayerError",
+    "InvalidHeuristicError",
 ]
 
 
@@ -101,3 +102,7 @@ class InvalidRankError(RankSearchError, ValueError):
 
 class UnsupportedLayerError(RankSearchError):
     """A method cannot decompose this layer; the message says why."""
+
+
+class InvalidHeuristicError(RankSearchError, ValueError):
+    """A rank heuristic got invalid input (tau outside (0, 1], weakening outside [0, 1], a non-2-D matrix)."""

@@ -7,10 +7,13 @@ adding a method means adding its entry here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ranksearch.decompose.tt import choose_layout, tt_ranks
 
 WeightFactory = Callable[[nn.Module, "int | tuple[int, ...]", torch.Generator], torch.Tensor]
 LOW_RANK_WEIGHTS: dict[str, WeightFactory] = {}
@@ -52,3 +55,38 @@ def _spatial_low_rank(layer: nn.Module, rank: int, gen: torch.Generator) -> torc
         matrix = _product(c_g * kh, n // groups * kw, rank, gen)  # M[(c, i), (n, j)]
         blocks.append(matrix.reshape(c_g, kh, n // groups, kw).permute(2, 0, 1, 3))
     return torch.cat(blocks).contiguous()
+
+
+def _ring_weight(cores: list[torch.Tensor], out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> torch.Tensor:
+    """``W[o, i] = trace(G_1[:, o_1, i_1, :] ... G_d[:, o_d, i_d, :])`` as an (out, in) matrix."""
+    full = cores[0]
+    for core in cores[1:]:
+        full = torch.tensordot(full, core, dims=([-1], [0]))  # (r_0, o_1, i_1, ..., o_k, i_k, r_k)
+    full = torch.diagonal(full, dim1=0, dim2=-1).sum(-1)  # close the ring (r_0 = r_d = 1 for tt)
+    d = len(cores)
+    full = full.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (o_1..o_d, i_1..i_d)
+    return full.reshape(math.prod(out_modes), math.prod(in_modes))
+
+
+def _random_cores(ranks: tuple[int, ...], out_modes: tuple[int, ...], in_modes: tuple[int, ...],
+                  gen: torch.Generator) -> list[torch.Tensor]:
+    return [
+        torch.randn(r0, o, i, r1, generator=gen, dtype=torch.float64) / r1**0.5
+        for r0, o, i, r1 in zip(ranks, out_modes, in_modes, ranks[1:])
+    ]
+
+
+@low_rank_weight("tt")
+def _tt_low_rank(layer: nn.Module, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """A TT-matrix with uniform rank ``rank`` (capped per bond) in the layout ``tt`` chooses."""
+    layout = choose_layout(layer.in_features, layer.out_features)
+    cores = _random_cores(tt_ranks(layout, rank), layout.out_modes, layout.in_modes, gen)
+    return _ring_weight(cores, layout.out_modes, layout.in_modes).to(layer.weight.dtype)
+
+
+@low_rank_weight("tr")
+def _tr_low_rank(layer: nn.Module, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """A tensor ring with every rank ``rank`` in the layout ``tr`` chooses."""
+    layout = choose_layout(layer.in_features, layer.out_features)
+    cores = _random_cores((rank,) * (layout.order + 1), layout.out_modes, layout.in_modes, gen)
+    return _ring_weight(cores, layout.out_modes, layout.in_modes).to(layer.weight.dtype)

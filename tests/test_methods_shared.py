@@ -15,13 +15,14 @@ from torch import nn
 import ranksearch
 from ranksearch.cost import count_flops
 from ranksearch.decompose import factor_cache, get_method
+from ranksearch.decompose._reshape import Regroup
 from ranksearch.layers import spec_from_module
 
 from .low_rank_weights import LOW_RANK_WEIGHTS
 
 # Leaf modules a replacement may contain: plain torch layers (plus the tensor-train helpers, which
 # hold plain nn.Linear layers and only reshape between them).
-PLAIN_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.Identity, nn.Flatten, nn.Unflatten)
+PLAIN_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.Identity, nn.Flatten, nn.Unflatten, Regroup)
 
 LAYERS = {
     "linear": (lambda: nn.Linear(24, 16), (3, 24)),

@@ -1,7 +1,22 @@
-"""Cost models: FLOPs and parameters (fvcore) and latency measured on the target device."""
+"""Cost models: FLOPs and parameters (fvcore) and latency measured on the target device.
+
+One flop is one multiply-add (fvcore's convention); see :data:`FLOP_CONVENTION`.
+"""
 
 from __future__ import annotations
 
 from .flops import FLOP_CONVENTION, count_flops, count_params, flops_by_module
+from .latency import LatencyMeasurement, measure_latency
+from .predictor import LatencyPredictor
+from .table import LatencyTable
 
-__all__ = ["FLOP_CONVENTION", "count_flops", "count_params", "flops_by_module"]
+__all__ = [
+    "FLOP_CONVENTION",
+    "LatencyMeasurement",
+    "LatencyPredictor",
+    "LatencyTable",
+    "count_flops",
+    "count_params",
+    "flops_by_module",
+    "measure_latency",
+]

@@ -1,0 +1,1 @@
+"""Runnable examples (and the small real-data helpers the tests and benchmarks share)."""

@@ -1,0 +1,91 @@
+"""What ``optimize`` returns: the model, the plan, the study and the figures before and after."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .plan import CompressionPlan
+
+__all__ = ["ModelStats", "ParetoPoint", "SearchResult"]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Measured latency, FLOPs (multiply-adds, fvcore), parameters and quality score of a model."""
+
+    latency_ms: float
+    latency_spread: float
+    flops: int
+    params: int
+    score: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One plan on the quality / cost front of the study."""
+
+    trial: int
+    plan: CompressionPlan
+    score: float
+    latency_ms: float | None  # predicted (per-layer table, calibrated) unless measured is set
+    measured_latency_ms: float | None
+    flops: int
+    params: int
+
+
+@dataclass
+class SearchResult:
+    """The outcome of :func:`ranksearch.optimize`.
+
+    Attributes:
+        model: the compressed model (plain torch layers), ready to use.
+        plan: the plan that built it from the original.
+        study: the Optuna study behind the search.
+        baseline: figures of the original model.
+        final: figures of ``model``; its latency was measured again at the end.
+        pareto: feasible plans on the quality / latency front, best quality first.
+        targets: the budgets, as absolute numbers.
+        prediction_error: how far predicted model latency was from full-model measurements.
+        message: a sentence on what happened (e.g. the original already met the target).
+    """
+
+    model: nn.Module
+    plan: CompressionPlan
+    study: Any
+    baseline: ModelStats
+    final: ModelStats
+    pareto: list[ParetoPoint] = field(default_factory=list)
+    targets: dict[str, float] = field(default_factory=dict)
+    prediction_error: dict[str, Any] | None = None
+    message: str = ""
+
+    def summary(self) -> str:
+        """A before / after table, in Markdown."""
+
+        def ratio(after: float | None, before: float | None) -> str:
+            if after is None or before in (None, 0):
+                return ""
+            return f"{after / before:.2f}x"  # type: ignore[operator]
+
+        def score(value: float | None) -> str:
+            return "" if value is None else f"{value:.4f}"
+
+        b, f = self.baseline, self.final
+        rows = [
+            "| | original | compressed | ratio |",
+            "| --- | ---: | ---: | ---: |",
+            f"| latency (ms, measured) | {b.latency_ms:.3f} | {f.latency_ms:.3f} | {ratio(f.latency_ms, b.latency_ms)} |",
+            f"| FLOPs (multiply-adds) | {b.flops:,} | {f.flops:,} | {ratio(f.flops, b.flops)} |",
+            f"| parameters | {b.params:,} | {f.params:,} | {ratio(f.params, b.params)} |",
+            f"| quality score | {score(b.score)} | {score(f.score)} | |",
+        ]
+        lines = ["\n".join(rows), "", f"{len(self.plan)} layers decomposed:", self.plan.summary()]
+        if self.message:
+            lines.insert(0, self.message + "\n")
+        return "\n".join(lines)

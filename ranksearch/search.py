@@ -1,0 +1,674 @@
+"""optimize(): search per-layer methods and ranks with Optuna under a latency, FLOP or parameter budget.
+
+How a search runs:
+
+1. The model is copied (the user's model is never touched), its decomposable layers are found
+   with their real input shapes, and the search space decides which methods each may use.
+2. The original is measured: latency on the target device, FLOPs (fvcore), parameters, quality.
+3. Heuristic plans (VBMF, energy thresholds) are enqueued as the first trials.
+4. Each trial picks, per layer, ``keep`` or a method and a *cost fraction* (the share of the
+   layer's FLOPs its replacement may cost, mapped to a rounded rank). Its FLOPs, parameters and
+   predicted latency (per-layer latency table) are computed first and set as Optuna constraints
+   with ``trial.set_constraint``; a trial that already breaks a budget is recorded as infeasible
+   (pruned) without running the quality evaluation.
+5. Feasible trials are rebuilt (only the changed layers are swapped in a working copy) and scored;
+   every ``latency_check_every`` evaluated trials the whole model is measured to check and
+   calibrate the latency prediction.
+6. The best feasible plan is rebuilt from the original and its latency measured again; if it
+   misses the target, the next best is tried; if none meets it, TargetUnreachableError says so.
+
+The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
+latency target is set), so its Pareto front answers other budgets too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cost import LatencyPredictor, LatencyTable, count_flops, count_params, measure_latency
+from .cost.latency import resolve_device
+from .decompose import get_method
+from .exceptions import (
+    EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, StorageError,
+    StudyMismatchError, TargetUnreachableError,
+)
+from .layers import LayerSpec, as_input_tuple, capture_layer_specs, check_module, layer_kind
+from .plan import KEEP, CompressionPlan, LayerChoice, model_fingerprint
+from .quality import FidelityScorer, calibration_batches, checked_score
+from .rebuild import apply_plan
+from .result import ModelStats, ParetoPoint, SearchResult
+from .space import LayerCandidates, SearchSpace, load_space
+from .workbench import ModelWorkbench, plan_cost
+
+__all__ = ["optimize", "Targets"]
+
+log = logging.getLogger("ranksearch.search")
+
+EvalFn = Callable[[nn.Module], float]
+LatencyFn = Callable[[nn.Module, Any], float]
+
+#: energy thresholds used for seed plans (besides VBMF)
+SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Budgets as absolute numbers (``None`` where not set)."""
+
+    latency_ms: float | None = None
+    flops: float | None = None
+    params: float | None = None
+
+    @staticmethod
+    def _positive(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InvalidTargetError(f"{name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def parse(cls, *, latency_ms: Any, flops: Any, params: Any, baseline_flops: int, baseline_params: int) -> Targets:
+        """Validate the user's targets; floats in (0, 1] for FLOPs / params are fractions of the original."""
+        for name, value in (("target_latency_ms", latency_ms), ("target_flops", flops), ("target_params", params)):
+            cls._positive(name, value)
+
+        def absolute(value: Any, baseline: int) -> float | None:
+            if value is None:
+                return None
+            if isinstance(value, float) and value <= 1.0:
+                return value * baseline
+            return float(value)
+
+        return cls(
+            latency_ms=float(latency_ms) if latency_ms is not None else None,
+            flops=absolute(flops, baseline_flops),
+            params=absolute(params, baseline_params),
+        )
+
+    @classmethod
+    def require_one(cls, latency_ms: Any, flops: Any, params: Any) -> None:
+        if latency_ms is None and flops is None and params is None:
+            raise InvalidTargetError(
+                "give at least one budget: target_latency_ms=..., target_flops=... (a fraction in (0, 1] "
+                "or an absolute count) or target_params=..."
+            )
+        for name, value in (("target_latency_ms", latency_ms), ("target_flops", flops), ("target_params", params)):
+            cls._positive(name, value)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in (("latency_ms", self.latency_ms), ("flops", self.flops), ("params", self.params)) if v is not None}
+
+    def violations(self, *, latency_ms: float | None, flops: float, params: float) -> dict[str, float]:
+        """Relative excess per target: ``(value - target) / target``; <= 0 means met."""
+        out: dict[str, float] = {}
+        if self.latency_ms is not None and latency_ms is not None:
+            out["latency"] = (latency_ms - self.latency_ms) / self.latency_ms
+        if self.flops is not None:
+            out["flops"] = (flops - self.flops) / self.flops
+        if self.params is not None:
+            out["params"] = (params - self.params) / self.params
+        return out
+
+
+# --- inputs, storage -------------------------------------------------------------------------
+
+
+def _infer_example_inputs(model: nn.Module, calib_data: Iterable[Any] | None) -> tuple[Any, ...]:
+    """Example inputs when the user gave none: the first calibration item, or a first Linear's size."""
+    if calib_data is not None:
+        for item in calib_data:
+            return as_input_tuple(item)
+    first = next((m for m in model.modules() if layer_kind(m) is not None or isinstance(m, nn.LayerNorm)), None)
+    if isinstance(first, nn.Linear):
+        return (torch.randn(1, first.in_features, dtype=first.weight.dtype, device=first.weight.device),)
+    if isinstance(first, nn.Embedding):
+        return (torch.randint(0, first.num_embeddings, (1, 16), device=first.weight.device),)
+    raise InvalidInputsError(
+        "example_inputs cannot be inferred for this model; pass example_inputs=torch.randn(...) with the shape "
+        "the model takes (for a conv net, e.g. torch.randn(1, 3, 224, 224)), or calib_data"
+    )
+
+
+def _move(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in inputs)
+
+
+def open_storage(storage: Any) -> Any:
+    """Validate an Optuna storage (URL or object) before any work is done.
+
+    Raises:
+        StorageError: for a malformed or unreachable URL.
+    """
+    if storage is None or not isinstance(storage, str):
+        return storage
+    try:
+        return optuna.storages.RDBStorage(storage)
+    except Exception as exc:  # sqlalchemy's errors vary by backend; all mean the same to the user
+        raise StorageError(
+            f"cannot open storage {storage!r} ({type(exc).__name__}: {exc}); use a database URL such as "
+            "'sqlite:///study.db' or an optuna storage object"
+        ) from exc
+
+
+_STUDY_KEY = "ranksearch"
+
+
+def _open_study(
+    storage: Any, study_name: str | None, *, directions: list[str], sampler: optuna.samplers.BaseSampler,
+    identity: dict[str, Any],
+) -> optuna.Study:
+    """Create the study, or load it to resume; refuse one made for another model, space or budget."""
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, directions=directions, sampler=sampler, load_if_exists=True,
+    )
+    recorded = study.user_attrs.get(_STUDY_KEY)
+    if recorded is None:
+        if study.trials:
+            raise StudyMismatchError(
+                f"study {study.study_name!r} already has trials that ranksearch did not make; use another study_name"
+            )
+        study.set_user_attr(_STUDY_KEY, identity)
+        return study
+    for key, what in (("model", "model"), ("space", "search space"), ("targets", "budget")):
+        if recorded.get(key) != identity[key]:
+            raise StudyMismatchError(
+                f"study {study.study_name!r} was made for another {what} ({key}: {recorded.get(key)!r}, now "
+                f"{identity[key]!r}); use a new study_name, or the same {what} to resume it"
+            )
+    return study
+
+
+# --- the objective -----------------------------------------------------------------------------
+
+
+def _param_names(name: str) -> tuple[str, str]:
+    return f"{name}.method", f"{name}.cost_fraction"
+
+
+def _relative_cost(spec: LayerSpec, method: str, rank: Any) -> float:
+    cost = get_method(method).cost(spec, rank)
+    if spec.flops:
+        return cost.flops / spec.flops
+    return cost.params / spec.params
+
+
+@dataclass
+class _Seed:
+    origin: str
+    choices: dict[str, tuple[str, Any]]  # layer -> (method, rank)
+
+
+class _Search:
+    """State shared by the trials of one ``optimize`` call."""
+
+    def __init__(
+        self, *, reference: nn.Module, inputs: tuple[Any, ...], candidates: list[LayerCandidates],
+        space: SearchSpace, targets: Targets, baseline: ModelStats, eval_fn: EvalFn | None,
+        scorer: FidelityScorer | None, predictor: LatencyPredictor | None, measure: Callable[[nn.Module], Any],
+        fingerprint: dict[str, Any], latency_check_every: int,
+    ) -> None:
+        self.reference = reference
+        self.inputs = inputs
+        self.searchable = [c for c in candidates if c.searchable]
+        self.candidates = candidates
+        self.specs = [c.spec for c in candidates]
+        self.space = space
+        self.targets = targets
+        self.baseline = baseline
+        self.eval_fn = eval_fn
+        self.scorer = scorer
+        self.predictor = predictor
+        self.measure = measure
+        self.fingerprint = fingerprint
+        self.latency_check_every = latency_check_every
+        self.workbench = ModelWorkbench(reference, [c.spec for c in self.searchable])
+        self.evaluated = 0
+
+    # -- plans ----------------------------------------------------------------------------------
+
+    def kept_notes(self) -> list[LayerChoice]:
+        """``keep`` entries, with the reason, for layers the search could not touch."""
+        return [
+            LayerChoice(c.spec.name, KEEP, origin="search-space", reason="; ".join(c.notes) or "no method applies")
+            for c in self.candidates if not c.searchable
+        ]
+
+    def make_plan(self, choices: dict[str, tuple[str, Any]], origin: str, metadata: Mapping[str, Any] | None = None) -> CompressionPlan:
+        layers = [
+            LayerChoice(name, method, rank, origin=origin)
+            for name, (method, rank) in choices.items() if method != KEEP
+        ]
+        return CompressionPlan(layers=layers + self.kept_notes(), fingerprint=self.fingerprint, metadata=dict(metadata or {}))
+
+    def sample_choices(self, trial: optuna.Trial) -> dict[str, tuple[str, Any]]:
+        choices: dict[str, tuple[str, Any]] = {}
+        for cand in self.searchable:
+            method_param, fraction_param = _param_names(cand.spec.name)
+            method = trial.suggest_categorical(method_param, [KEEP, *cand.methods])
+            if method == KEEP:
+                continue
+            fraction = trial.suggest_float(fraction_param, self.space.cost_fraction_low, self.space.cost_fraction_high)
+            rank = self.space.rank_for(cand.spec, method, fraction)
+            if rank is not None:
+                choices[cand.spec.name] = (method, rank)
+        return choices
+
+    def seed_params(self, seed: _Seed) -> dict[str, Any]:
+        """Optuna parameters that approximate a seed plan (the seed's exact ranks are used in the trial)."""
+        params: dict[str, Any] = {}
+        low, high = self.space.cost_fraction_low, self.space.cost_fraction_high
+        for cand in self.searchable:
+            method_param, fraction_param = _param_names(cand.spec.name)
+            method, rank = seed.choices.get(cand.spec.name, (KEEP, None))
+            params[method_param] = method
+            if method != KEEP:
+                params[fraction_param] = min(high, max(low, _relative_cost(cand.spec, method, rank)))
+        return params
+
+    # -- one trial ------------------------------------------------------------------------------
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        started = time.perf_counter()
+        seed_choices = trial.user_attrs.get("seed_choices")
+        if seed_choices is not None:
+            self.sample_choices(trial)  # registers the enqueued parameters with the sampler
+            choices = {name: (m, tuple(r) if isinstance(r, list) else r) for name, (m, r) in seed_choices.items()}
+            origin = trial.user_attrs["seed"]
+        else:
+            choices = self.sample_choices(trial)
+            origin = f"trial:{trial.number}"
+        plan = self.make_plan(choices, origin)
+        trial.set_user_attr("plan", plan.to_dict()["layers"])
+
+        saved = plan_cost(self.specs, plan)
+        flops, params = self.baseline.flops - saved.flops, self.baseline.params - saved.params
+        predicted = self.predictor.predict(plan) if self.predictor is not None else None
+        trial.set_user_attr("flops", flops)
+        trial.set_user_attr("params", params)
+        if predicted is not None:
+            trial.set_user_attr("predicted_latency_ms", predicted)
+        violations = self.targets.violations(latency_ms=predicted, flops=flops, params=params)
+        for key, value in violations.items():
+            trial.set_constraint(key, value)
+        cost_time = time.perf_counter() - started
+        trial.set_user_attr("time_cost_s", cost_time)
+        broken = {k: v for k, v in violations.items() if v > 0}
+        if broken:
+            reason = ", ".join(f"{k} {v:+.1%} over budget" for k, v in broken.items())
+            trial.set_user_attr("skipped", f"not evaluated: {reason}")
+            raise optuna.TrialPruned(reason)
+
+        t0 = time.perf_counter()
+        model = self.workbench.apply(plan)
+        t1 = time.perf_counter()
+        score = self.score(model, trial)
+        t2 = time.perf_counter()
+        trial.set_user_attr("time_rebuild_s", t1 - t0)
+        trial.set_user_attr("time_eval_s", t2 - t1)
+        self.evaluated += 1
+        if self.predictor is not None and self.latency_check_every and self.evaluated % self.latency_check_every == 0:
+            measured = self.measure(model).ms
+            self.predictor.record(plan, measured)
+            trial.set_user_attr("measured_latency_ms", measured)
+        cost = predicted if predicted is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
+        return score, float(cost)
+
+    def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
+        if self.eval_fn is not None:
+            try:
+                return checked_score(self.eval_fn, model)
+            except EvaluationError as exc:
+                if trial is not None:
+                    trial.set_user_attr("error", str(exc))
+                raise
+        assert self.scorer is not None
+        fidelity = self.scorer(model)
+        if trial is not None and fidelity.top1_agreement is not None:
+            trial.set_user_attr("top1_agreement", fidelity.top1_agreement)
+        return fidelity.score
+
+
+# --- seeds ------------------------------------------------------------------------------------
+
+
+def _seed_method(cand: LayerCandidates) -> str:
+    """The method a heuristic seed uses on a layer: Tucker-2 for k x k convs (Kim et al.), else the first allowed."""
+    return "tucker2" if "tucker2" in cand.methods else cand.methods[0]
+
+
+def _seeds(search: _Search, *, weakening: float | None) -> list[_Seed]:
+    """The VBMF plan and the energy plans, on the methods this space allows."""
+    from .rank import suggest_rank
+
+    configs: list[tuple[str, dict[str, Any]]] = [("seed:vbmf", {"heuristic": "vbmf"})]
+    if weakening:
+        configs.append((f"seed:vbmf-weak-{weakening:g}", {"heuristic": "vbmf", "weakening": weakening}))
+    configs += [(f"seed:energy-{tau:.2f}", {"heuristic": "energy", "tau": tau}) for tau in SEED_ENERGY_TAUS]
+    seeds = []
+    for origin, options in configs:
+        choices: dict[str, tuple[str, Any]] = {}
+        for cand in search.searchable:
+            method = _seed_method(cand)
+            layer = search.reference.get_submodule(cand.spec.name)
+            try:
+                rank = suggest_rank(layer, cand.spec, method, round_to=search.space.round_to, **options)
+            except Exception as exc:  # a heuristic failing on one layer must not sink the search
+                log.debug("no %s seed rank for %s: %s", origin, cand.spec.name, exc)
+                rank = None
+            if rank is not None:
+                choices[cand.spec.name] = (method, rank)
+        seeds.append(_Seed(origin, choices))
+    return seeds
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+class _Progress:
+    """tqdm bar: trials done, best feasible score and its latency (or FLOPs)."""
+
+    def __init__(self, total: int, enabled: bool, unit_key: str) -> None:
+        self.bar = tqdm(total=total, desc="ranksearch", unit="trial", disable=not enabled, leave=False)
+        self.unit_key = unit_key
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.bar.update(1)
+        best = _best_feasible(study.trials)
+        if best:
+            top = best[0]
+            self.bar.set_postfix(best_score=f"{top.values[0]:.4f}", **{self.unit_key: f"{top.values[1]:.4g}"})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def _best_feasible(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and _feasible(t)]
+    return sorted(done, key=lambda t: (-t.values[0], t.values[1], t.number))
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _plan_of(trial: optuna.trial.FrozenTrial, fingerprint: dict[str, Any]) -> CompressionPlan:
+    plan = CompressionPlan.from_dict({"layers": trial.user_attrs["plan"]})
+    plan.fingerprint = fingerprint
+    return plan
+
+
+# --- optimize ---------------------------------------------------------------------------------
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    target_latency_ms: float | None = None,
+    target_flops: float | int | None = None,
+    target_params: float | int | None = None,
+    eval_fn: EvalFn | None = None,
+    calib_data: Iterable[Any] | None = None,
+    n_trials: int = 100,
+    timeout: float | None = None,
+    search_space: str | SearchSpace | Mapping[str, Any] | None = None,
+    storage: Any = None,
+    study_name: str | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    latency_fn: LatencyFn | None = None,
+    show_progress_bar: bool = True,
+    latency_check_every: int = 10,
+    latency_tolerance: float = 0.05,
+    vbmf_weakening: float | None = None,
+) -> SearchResult:
+    """Find the per-layer decomposition plan that meets the budget with the best quality.
+
+    Args:
+        model: the trained model; never modified (parameters, buffers, mode and device stay as they are).
+        example_inputs: a tensor or tuple of tensors the model takes; inferred from ``calib_data`` or a
+            first ``Linear``/``Embedding`` layer when omitted, otherwise required.
+        target_latency_ms: latency budget, measured on ``device`` (or by ``latency_fn``).
+        target_flops: FLOP budget: a float in (0, 1] is a fraction of the original, an int an absolute count
+            (multiply-adds, fvcore's convention).
+        target_params: parameter budget, same convention.
+        eval_fn: ``eval_fn(model) -> float``, higher is better. Without it, the built-in output fidelity to
+            the original on the calibration inputs (see ``ranksearch.quality``).
+        calib_data: iterable of model inputs for the built-in fidelity.
+        n_trials: total trials wanted in the study (a resumed study runs only the remainder).
+        timeout: stop after this many seconds.
+        search_space: a shipped space's name (``ranksearch.list_spaces()``), a YAML path, a dict or a SearchSpace.
+        storage: an Optuna storage URL or object (e.g. ``"sqlite:///study.db"``) to make the search resumable.
+        study_name: the study's name in ``storage``; rerunning with the same name continues it.
+        device: where latency is measured and the search runs (default: where the model is).
+        seed: makes sampling reproducible.
+        latency_fn: ``latency_fn(model, example_inputs) -> ms`` for devices reached some other way.
+        show_progress_bar: show trials done, best feasible score and its latency.
+        latency_check_every: measure the whole model every this many evaluated trials to check and
+            calibrate the latency prediction (0: never, except the final answer).
+        latency_tolerance: relative measurement tolerance when verifying the final latency.
+        vbmf_weakening: also seed a weakened-VBMF plan keeping this fraction of what VBMF discards.
+
+    Returns:
+        A :class:`~ranksearch.result.SearchResult` (``model``, ``plan``, ``study``, ``baseline``, ``final``,
+        ``pareto``).
+
+    Raises:
+        NotAModuleError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, StorageError,
+        StudyMismatchError, DeviceUnavailableError, SearchSpaceError: for bad input, before any search work.
+        TargetUnreachableError: when no plan meets the budget (it carries the best achievable plan).
+        EvaluationError: when every trial's evaluation failed.
+
+    Example:
+        >>> result = ranksearch.optimize(model, torch.randn(1, 3, 32, 32), target_latency_ms=2.0, n_trials=50)
+        >>> result.plan.save("plan.json"); print(result.summary())
+    """
+    check_module(model)
+    Targets.require_one(target_latency_ms, target_flops, target_params)
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise InvalidTargetError(f"n_trials must be a positive int, got {n_trials!r}")
+    space = load_space(search_space)
+    storage = open_storage(storage)
+    torch_device = resolve_device(device, model)
+    inputs = as_input_tuple(example_inputs) if example_inputs is not None else _infer_example_inputs(model, calib_data)
+
+    # Everything below works on a copy: the user's model keeps its parameters, mode and device.
+    reference = copy.deepcopy(model).to(torch_device).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    inputs = _move(inputs, torch_device)
+    specs = capture_layer_specs(reference, inputs)
+    candidates = space.candidates(specs)
+    if not any(c.searchable for c in candidates):
+        reasons = "; ".join(f"{c.spec.name}: {', '.join(c.notes)}" for c in candidates[:5]) or "no Linear, Conv1d, Conv2d or Embedding layer is used in forward"
+        raise NoDecomposableLayerError(
+            f"nothing in this model can be decomposed under search space {space.name!r} ({reasons}); "
+            "check the model and the space's 'methods', 'skip' and 'min_flops_share'"
+        )
+
+    def measure(m: nn.Module) -> Any:
+        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn)
+
+    batches = calibration_batches(inputs, calib_data)
+    batches = [_move(b, torch_device) for b in batches]
+    scorer = None if eval_fn is not None else FidelityScorer(reference, batches)
+    base_latency = measure(reference)
+    base_flops, base_params = count_flops(reference, inputs), count_params(reference)
+    base_score = checked_score(eval_fn, reference) if eval_fn is not None else scorer(reference).score  # type: ignore[misc]
+    baseline = ModelStats(base_latency.ms, base_latency.spread, base_flops, base_params, base_score)
+    targets = Targets.parse(latency_ms=target_latency_ms, flops=target_flops, params=target_params,
+                            baseline_flops=base_flops, baseline_params=base_params)
+    fingerprint = model_fingerprint(reference)
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+    cost_key = "latency_ms" if targets.latency_ms is not None else ("flops" if targets.flops is not None else "params")
+    identity = {"model": fingerprint["digest"], "space": space.digest, "targets": targets.as_dict(),
+                "objectives": ["quality", cost_key]}
+    with _quiet_optuna():
+        study = _open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)
+
+    already = targets.violations(latency_ms=baseline.latency_ms, flops=base_flops, params=base_params)
+    if all(v <= 0 for v in already.values()):
+        message = "the original model already meets the target; returned it unchanged with an empty plan"
+        log.info(message)
+        plan = CompressionPlan(layers=[], fingerprint=fingerprint, metadata={"targets": targets.as_dict()})
+        return SearchResult(model=copy.deepcopy(reference), plan=plan, study=study, baseline=baseline,
+                            final=baseline, targets=targets.as_dict(), message=message)
+
+    searchable = [c for c in candidates if c.searchable]
+    _check_reachable(targets, searchable, space, baseline)
+
+    predictor = None
+    if targets.latency_ms is not None:
+        table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device, latency_fn=latency_fn)
+        table.prepare({c.spec.name: c.methods for c in searchable})
+        predictor = LatencyPredictor(table, baseline.latency_ms)
+
+    search = _Search(
+        reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
+        eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure, fingerprint=fingerprint,
+        latency_check_every=latency_check_every,
+    )
+    if not study.trials:
+        for seed_plan in _seeds(search, weakening=vbmf_weakening):
+            choices = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in seed_plan.choices.items()}
+            study.enqueue_trial(search.seed_params(seed_plan), user_attrs={"seed": seed_plan.origin, "seed_choices": choices})
+
+    finished = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(0, n_trials - len(finished))
+    progress = _Progress(remaining, show_progress_bar, cost_key)
+    try:
+        with _quiet_optuna():
+            study.optimize(search.objective, n_trials=remaining, timeout=timeout, catch=(EvaluationError,),
+                           callbacks=[progress])
+    except KeyboardInterrupt:
+        log.warning("search interrupted: %d trials are kept in the study; rerun with the same storage and "
+                    "study_name to resume", len(study.trials))
+        raise
+    finally:
+        progress.close()
+
+    return _finish(study, search, targets, baseline, measure, latency_tolerance)
+
+
+def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space: SearchSpace, baseline: ModelStats) -> None:
+    """Fail early when even the smallest ranks on every layer cannot meet a FLOP or parameter budget."""
+    saved_flops = saved_params = 0
+    for cand in searchable:
+        best_flops = best_params = 0
+        for method in cand.methods:
+            rank = space.rank_for(cand.spec, method, space.cost_fraction_low)
+            if rank is None:
+                continue
+            cost = get_method(method).cost(cand.spec, rank)
+            best_flops = max(best_flops, cand.spec.flops - cost.flops)
+            best_params = max(best_params, cand.spec.params - cost.params)
+        saved_flops += best_flops
+        saved_params += best_params
+    for name, target, best in (("FLOPs", targets.flops, baseline.flops - saved_flops),
+                               ("parameters", targets.params, baseline.params - saved_params)):
+        if target is not None and best > target:
+            raise TargetUnreachableError(
+                f"the {name} target {target:,.0f} is out of reach: the smallest ranks this search space allows "
+                f"give {best:,.0f} ({best / (baseline.flops if name == 'FLOPs' else baseline.params):.1%} of the "
+                "original); relax the target or widen the space (lower cost_fraction.low, more methods, smaller "
+                "min_flops_share)",
+                best_flops=best if name == "FLOPs" else None,
+            )
+
+
+def _finish(
+    study: optuna.Study, search: _Search, targets: Targets, baseline: ModelStats,
+    measure: Callable[[nn.Module], Any], tolerance: float, max_verifications: int = 5,
+) -> SearchResult:
+    """Pick the best feasible plan whose measured latency really meets the target."""
+    trials = study.trials
+    if trials and all(t.state == optuna.trial.TrialState.FAIL for t in trials):
+        reasons = {t.user_attrs.get("error", "unknown error") for t in trials}
+        raise EvaluationError(f"every trial failed to evaluate: {'; '.join(sorted(reasons))[:500]}")
+    ranked = _best_feasible(trials)
+    checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
+    for trial in ranked[:max_verifications]:
+        plan = _plan_of(trial, search.fingerprint)
+        model = apply_plan(search.reference, plan).eval()
+        measured = measure(model)
+        if search.predictor is not None:
+            search.predictor.record(plan, measured.ms)
+        checked.append((measured.ms, trial))
+        if targets.latency_ms is None or measured.ms <= targets.latency_ms * (1 + tolerance):
+            final = ModelStats(measured.ms, measured.spread, count_flops(model, search.inputs), _params(model),
+                               search.score(model))
+            plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number,
+                                  "baseline": baseline.to_dict(), "final": final.to_dict()})
+            if search.predictor is not None:
+                plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
+            return SearchResult(
+                model=model, plan=plan, study=study, baseline=baseline, final=final,
+                pareto=_pareto(study, search.fingerprint), targets=targets.as_dict(),
+                prediction_error=search.predictor.error_summary() if search.predictor is not None else None,
+            )
+        log.info("trial %d: measured %.3f ms misses the %.3f ms target; trying the next best plan",
+                 trial.number, measured.ms, targets.latency_ms)
+    # nothing met the budget: report the best achievable
+    best_plan, best_ms = None, None
+    if checked:
+        best_ms, best_trial = min(checked, key=lambda item: item[0])
+        best_plan = _plan_of(best_trial, search.fingerprint)
+    else:
+        candidates = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                      and "plan" in t.user_attrs]
+        if candidates:
+            key = "predicted_latency_ms" if targets.latency_ms is not None else "flops"
+            best_trial = min(candidates, key=lambda t: t.user_attrs.get(key, math.inf))
+            best_plan = _plan_of(best_trial, search.fingerprint)
+            best_ms = best_trial.user_attrs.get("predicted_latency_ms")
+    achievable = f"; the fastest plan found runs in {best_ms:.3f} ms" if best_ms is not None else ""
+    raise TargetUnreachableError(
+        f"no plan met the budget {json.dumps(targets.as_dict())} in {len(trials)} trials{achievable}; relax the "
+        "target, run more trials, or widen the search space",
+        best_plan=best_plan, best_latency_ms=best_ms,
+    )
+
+
+def _params(model: nn.Module) -> int:
+    return count_params(model)
+
+
+def _pareto(study: optuna.Study, fingerprint: dict[str, Any]) -> list[ParetoPoint]:
+    points = []
+    for trial in study.best_trials:
+        if not _feasible(trial):
+            continue
+        points.append(ParetoPoint(
+            trial=trial.number, plan=_plan_of(trial, fingerprint), score=trial.values[0],
+            latency_ms=trial.user_attrs.get("predicted_latency_ms"),
+            measured_latency_ms=trial.user_attrs.get("measured_latency_ms"),
+            flops=int(trial.user_attrs["flops"]), params=int(trial.user_attrs["params"]),
+        ))
+    return sorted(points, key=lambda p: -p.score)

@@ -1,0 +1,40 @@
+"""Small models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """A little conv net with the layer kinds ranksearch decomposes (and some it keeps)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),  # depthwise: always kept
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def small_cnn_inputs(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, 8, 8)
+
+
+class SharedLinear(nn.Module):
+    """One Linear registered under two names and called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.again = self.proj
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.again(torch.relu(self.proj(x))))

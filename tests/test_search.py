@@ -1,0 +1,129 @@
+"""ranksearch.optimize on small models trained inside the tests on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import ranksearch
+from ranksearch.cost import count_flops, measure_latency
+from examples.digits import accuracy, load_digits_tensors
+
+
+def _train_mlp(hidden: int, epochs: int = 60) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    data = load_digits_tensors(8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):  # full batch: a second or two
+        loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), data
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    model, data = _train_mlp(128)
+    assert accuracy(model, data.x_test, data.y_test) > 0.9
+    return model, data
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in state)
+
+
+def test_flop_target_is_met_with_seeds_first_and_a_reproducible_plan(digits_mlp) -> None:
+    model, data = digits_mlp
+    model.train()  # the search must not change the user's mode either
+    before = _snapshot(model)
+    result = ranksearch.optimize(
+        model, data.x_test[:16], target_flops=0.5, n_trials=12, seed=0, show_progress_bar=False,
+        eval_fn=lambda m: accuracy(m, data.x_test, data.y_test),
+    )
+    assert model.training and _unchanged(model, before)
+    model.eval()
+    assert result.final.flops <= 0.5 * result.baseline.flops
+    assert result.final.flops == count_flops(result.model, data.x_test[:16])
+    assert result.final.score > 0.8
+    trials = result.study.trials
+    seeds = [t for t in trials if "seed" in t.user_attrs]
+    assert seeds and [t.number for t in seeds] == list(range(len(seeds)))
+    assert seeds[0].user_attrs["seed"] == "seed:vbmf"
+    rebuilt = ranksearch.apply_plan(model, result.plan).eval()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(data.x_test), result.model(data.x_test), atol=1e-6)
+    assert result.pareto and result.pareto[0].score >= result.pareto[-1].score
+    for trial in trials:  # every target is an Optuna constraint, recorded on every scored trial
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert set(trial.constraints) == {"flops"}
+
+
+def test_infeasible_trials_are_recorded_not_evaluated(digits_mlp) -> None:
+    model, data = digits_mlp
+    calls = []
+
+    def eval_fn(m: nn.Module) -> float:
+        calls.append(1)
+        return accuracy(m, data.x_test, data.y_test)
+
+    result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=15, seed=1,
+                                 show_progress_bar=False, eval_fn=eval_fn)
+    pruned = [t for t in result.study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned, "some trials should break a 30% FLOP budget"
+    for trial in pruned:
+        assert trial.constraints["flops"] > 0 and "not evaluated" in trial.user_attrs["skipped"]
+    # the original is scored once, each complete trial once, the final answer once
+    assert len(calls) == len(complete) + 2
+
+
+def test_latency_target_is_met_when_measured_again() -> None:
+    model, data = _train_mlp(384, epochs=30)
+    x = data.x_test[:64]
+    base = measure_latency(model, x)
+    target = 0.7 * base.ms
+    result = ranksearch.optimize(model, x, target_latency_ms=target, n_trials=12, seed=0,
+                                 show_progress_bar=False, latency_check_every=4)
+    assert result.final.latency_ms <= target * 1.05
+    assert result.prediction_error is not None and result.prediction_error["checks"] >= 1
+    assert all(c.origin.startswith(("seed:", "trial:")) for c in result.plan.replaced)
+
+
+def test_search_resumes_from_sqlite(digits_mlp, tmp_path) -> None:
+    model, data = digits_mlp
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kwargs = dict(target_flops=0.5, seed=0, show_progress_bar=False, storage=storage, study_name="digits")
+    first = ranksearch.optimize(model, data.x_test[:16], n_trials=8, **kwargs)
+    numbers = [t.number for t in first.study.trials]
+    second = ranksearch.optimize(model, data.x_test[:16], n_trials=12, **kwargs)
+    assert len(second.study.trials) == 12
+    assert [t.number for t in second.study.trials[:8]] == numbers
+    reloaded = optuna.load_study(study_name="digits", storage=storage)
+    assert len(reloaded.trials) == 12
+
+
+def test_original_that_already_meets_the_target_is_returned_unchanged(digits_mlp) -> None:
+    model, data = digits_mlp
+    result = ranksearch.optimize(model, data.x_test[:16], target_flops=1.0, n_trials=5, show_progress_bar=False)
+    assert len(result.plan) == 0 and "already meets" in result.message
+    with torch.no_grad():
+        assert torch.equal(result.model(data.x_test), model(data.x_test))
+
+
+def test_builtin_fidelity_without_eval_fn(digits_mlp) -> None:
+    model, data = digits_mlp
+    result = ranksearch.optimize(model, data.x_test[:32], target_params=0.6, n_trials=8, seed=0,
+                                 show_progress_bar=False)
+    assert result.baseline.score == pytest.approx(1.0)
+    assert result.final.params <= 0.6 * result.baseline.params
+    assert 0.0 < result.final.score <= 1.0
