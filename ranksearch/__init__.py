@@ -6,6 +6,8 @@ Public API::
     ranksearch.decompose(layer, "svd", 8)         # one layer's replacement
     ranksearch.apply_plan(model, plan)            # a compressed copy of a model
     ranksearch.CompressionPlan                    # the plan: plain, versioned JSON
+    ranksearch.seed_plans(model, inputs)          # VBMF / energy-threshold plans
+    ranksearch.optimize(model, inputs, target_latency_ms=...)   # the search
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from .plan import CompressionPlan, LayerChoice, model_fingerprint  # noqa: E402
 from .rebuild import apply_plan  # noqa: E402
 from . import rank  # noqa: E402
 from .seeds import seed_plans  # noqa: E402
+from .space import SearchSpace, list_spaces, load_space  # noqa: E402
+from .result import ModelStats, ParetoPoint, SearchResult  # noqa: E402
+from .search import optimize  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,13 +40,20 @@ __all__ = [
     "CompressionPlan",
     "LayerChoice",
     "LayerSpec",
+    "ModelStats",
+    "ParetoPoint",
     "RankSearchError",
+    "SearchResult",
+    "SearchSpace",
     "apply_plan",
     "capture_layer_specs",
     "decompose",
     "get_method",
+    "list_spaces",
+    "load_space",
     "methods",
     "model_fingerprint",
+    "optimize",
     "rank",
     "seed_plans",
     *_exception_names,

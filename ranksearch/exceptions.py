@@ -24,6 +24,7 @@ __all__ = [
     "InvalidRankError",
     "UnsupportedLayerError",
     "InvalidHeuristicError",
+    "ModelLoadError",
 ]
 
 
@@ -106,3 +107,7 @@ class UnsupportedLayerError(RankSearchError):
 
 class InvalidHeuristicError(RankSearchError, ValueError):
     """A rank heuristic got invalid input (tau outside (0, 1], weakening outside [0, 1], a non-2-D matrix)."""
+
+
+class ModelLoadError(RankSearchError):
+    """A model file or ``module:callable`` factory cannot be loaded (missing, wrong format, untrusted pickle)."""

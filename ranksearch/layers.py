@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from .exceptions import InvalidInputsError, NotAModuleError
 
 __all__ = [
@@ -258,10 +259,8 @@ def capture_layer_specs(model: nn.Module, example_inputs: Any) -> list[LayerSpec
             if _key not in shapes and args and isinstance(args[0], torch.Tensor):
                 shapes[_key] = tuple(args[0].shape)
         handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(*inputs)
     except Exception as exc:  # the model's own error, re-raised with what to do
         raise InvalidInputsError(
@@ -271,7 +270,6 @@ def capture_layer_specs(model: nn.Module, example_inputs: Any) -> list[LayerSpec
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return [
         spec_from_module(name, module, shapes[id(module)])
         for name, module in iter_candidate_layers(model)

@@ -18,7 +18,7 @@ from .exceptions import InvalidWeightsError, PlanMismatchError, UnsupportedLayer
 from .layers import LayerSpec, check_module, layer_kind, spec_from_module
 from .plan import CompressionPlan, LayerChoice
 
-__all__ = ["apply_plan", "replace_modules", "module_names"]
+__all__ = ["apply_plan", "replace_modules", "module_names", "check_finite_parameters"]
 
 
 def module_names(model: nn.Module, target: nn.Module) -> list[str]:
@@ -50,6 +50,15 @@ def _validated(model: nn.Module, plan: CompressionPlan) -> Iterator[tuple[LayerC
             raise UnsupportedLayerError(f"plan layer {choice.name!r}: {reason}")
         rank = method.normalize_rank(spec, choice.rank)  # type: ignore[arg-type]
         yield choice, module, method, rank
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise :class:`InvalidWeightsError` naming the first parameter that holds NaN or infinity."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise InvalidWeightsError(
+                f"parameter {name!r} has NaN or infinite values; fix or retrain the model before compressing it"
+            )
 
 
 def check_finite_weights(name: str, module: nn.Module) -> None:

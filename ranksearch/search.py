@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +49,11 @@ from .exceptions import (
 from .layers import LayerSpec, as_input_tuple, capture_layer_specs, check_module, layer_kind
 from .plan import KEEP, CompressionPlan, LayerChoice, model_fingerprint
 from .quality import FidelityScorer, calibration_batches, checked_score
-from .rebuild import apply_plan
+from .rebuild import apply_plan, check_finite_parameters
 from .result import ModelStats, ParetoPoint, SearchResult
 from .space import LayerCandidates, SearchSpace, load_space
-from .workbench import ModelWorkbench, plan_cost
+from .warmstart import Seed, fitted_seeds, heuristic_seeds
+from .workbench import ModelWorkbench, drop_unreplaceable, plan_cost
 
 __all__ = ["optimize", "Targets"]
 
@@ -59,10 +61,6 @@ log = logging.getLogger("ranksearch.search")
 
 EvalFn = Callable[[nn.Module], float]
 LatencyFn = Callable[[nn.Module, Any], float]
-
-#: energy thresholds used for seed plans (besides VBMF)
-SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
-
 
 # --- targets -----------------------------------------------------------------------------------
 
@@ -208,12 +206,6 @@ def _relative_cost(spec: LayerSpec, method: str, rank: Any) -> float:
     return cost.params / spec.params
 
 
-@dataclass
-class _Seed:
-    origin: str
-    choices: dict[str, tuple[str, Any]]  # layer -> (method, rank)
-
-
 class _Search:
     """State shared by the trials of one ``optimize`` call."""
 
@@ -269,7 +261,27 @@ class _Search:
                 choices[cand.spec.name] = (method, rank)
         return choices
 
-    def seed_params(self, seed: _Seed) -> dict[str, Any]:
+    def violations(self, choices: dict[str, tuple[str, Any]]) -> dict[str, float]:
+        """Relative excess over each budget of a plan, from analytic costs and predicted latency."""
+        plan = self.make_plan(choices, "check")
+        saved = plan_cost(self.specs, plan)
+        predicted = self.predictor.predict(plan) if self.predictor is not None else None
+        return self.targets.violations(latency_ms=predicted, flops=self.baseline.flops - saved.flops,
+                                       params=self.baseline.params - saved.params)
+
+    def feasible(self, choices: dict[str, tuple[str, Any]]) -> bool:
+        return all(v <= 0 for v in self.violations(choices).values())
+
+    def seeds(self, weakening: float | None) -> list[Seed]:
+        """Heuristic seeds, then budget-fitted ones, without duplicates."""
+        found = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
+        found += fitted_seeds(self.reference, self.searchable, self.space, self.feasible)
+        unique: dict[str, Seed] = {}
+        for seed in found:
+            unique.setdefault(json.dumps(sorted((k, m, str(r)) for k, (m, r) in seed.choices.items())), seed)
+        return list(unique.values())
+
+    def seed_params(self, seed: Seed) -> dict[str, Any]:
         """Optuna parameters that approximate a seed plan (the seed's exact ranks are used in the trial)."""
         params: dict[str, Any] = {}
         low, high = self.space.cost_fraction_low, self.space.cost_fraction_high
@@ -284,6 +296,18 @@ class _Search:
     # -- one trial ------------------------------------------------------------------------------
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        """One trial; any failure other than a budget miss is recorded on the trial and the search goes on."""
+        try:
+            return self._trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # a broken eval_fn, rebuild or forward must not end a long search
+            message = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", message)
+            log.warning("trial %d failed: %s", trial.number, message)
+            raise EvaluationError(message) from exc
+
+    def _trial(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
         seed_choices = trial.user_attrs.get("seed_choices")
         if seed_choices is not None:
@@ -331,50 +355,12 @@ class _Search:
 
     def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
         if self.eval_fn is not None:
-            try:
-                return checked_score(self.eval_fn, model)
-            except EvaluationError as exc:
-                if trial is not None:
-                    trial.set_user_attr("error", str(exc))
-                raise
+            return checked_score(self.eval_fn, model)
         assert self.scorer is not None
         fidelity = self.scorer(model)
         if trial is not None and fidelity.top1_agreement is not None:
             trial.set_user_attr("top1_agreement", fidelity.top1_agreement)
         return fidelity.score
-
-
-# --- seeds ------------------------------------------------------------------------------------
-
-
-def _seed_method(cand: LayerCandidates) -> str:
-    """The method a heuristic seed uses on a layer: Tucker-2 for k x k convs (Kim et al.), else the first allowed."""
-    return "tucker2" if "tucker2" in cand.methods else cand.methods[0]
-
-
-def _seeds(search: _Search, *, weakening: float | None) -> list[_Seed]:
-    """The VBMF plan and the energy plans, on the methods this space allows."""
-    from .rank import suggest_rank
-
-    configs: list[tuple[str, dict[str, Any]]] = [("seed:vbmf", {"heuristic": "vbmf"})]
-    if weakening:
-        configs.append((f"seed:vbmf-weak-{weakening:g}", {"heuristic": "vbmf", "weakening": weakening}))
-    configs += [(f"seed:energy-{tau:.2f}", {"heuristic": "energy", "tau": tau}) for tau in SEED_ENERGY_TAUS]
-    seeds = []
-    for origin, options in configs:
-        choices: dict[str, tuple[str, Any]] = {}
-        for cand in search.searchable:
-            method = _seed_method(cand)
-            layer = search.reference.get_submodule(cand.spec.name)
-            try:
-                rank = suggest_rank(layer, cand.spec, method, round_to=search.space.round_to, **options)
-            except Exception as exc:  # a heuristic failing on one layer must not sink the search
-                log.debug("no %s seed rank for %s: %s", origin, cand.spec.name, exc)
-                rank = None
-            if rank is not None:
-                choices[cand.spec.name] = (method, rank)
-        seeds.append(_Seed(origin, choices))
-    return seeds
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -410,7 +396,7 @@ def _best_feasible(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.tr
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # ranksearch logs failed trials itself, in one line
     try:
         yield
     finally:
@@ -500,11 +486,10 @@ def optimize(
 
     # Everything below works on a copy: the user's model keeps its parameters, mode and device.
     reference = copy.deepcopy(model).to(torch_device).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    check_finite_parameters(reference)
     inputs = _move(inputs, torch_device)
     specs = capture_layer_specs(reference, inputs)
-    candidates = space.candidates(specs)
+    candidates = drop_unreplaceable(reference, inputs, space.candidates(specs))
     if not any(c.searchable for c in candidates):
         reasons = "; ".join(f"{c.spec.name}: {', '.join(c.notes)}" for c in candidates[:5]) or "no Linear, Conv1d, Conv2d or Embedding layer is used in forward"
         raise NoDecomposableLayerError(
@@ -526,12 +511,19 @@ def optimize(
                             baseline_flops=base_flops, baseline_params=base_params)
     fingerprint = model_fingerprint(reference)
 
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+    with warnings.catch_warnings():  # `group` is marked experimental; it is what conditional spaces need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
     cost_key = "latency_ms" if targets.latency_ms is not None else ("flops" if targets.flops is not None else "params")
     identity = {"model": fingerprint["digest"], "space": space.digest, "targets": targets.as_dict(),
                 "objectives": ["quality", cost_key]}
     with _quiet_optuna():
         study = _open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)
+    # what a report needs to read the study on its own (e.g. `ranksearch report --storage ...`)
+    study.set_user_attr("baseline", baseline.to_dict())
+    study.set_user_attr("layer_specs", [spec.to_dict() for spec in specs])
+    study.set_user_attr("fingerprint", fingerprint)
+    study.set_user_attr("space_name", space.name)
 
     already = targets.violations(latency_ms=baseline.latency_ms, flops=base_flops, params=base_params)
     if all(v <= 0 for v in already.values()):
@@ -556,7 +548,7 @@ def optimize(
         latency_check_every=latency_check_every,
     )
     if not study.trials:
-        for seed_plan in _seeds(search, weakening=vbmf_weakening):
+        for seed_plan in search.seeds(vbmf_weakening):
             choices = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in seed_plan.choices.items()}
             study.enqueue_trial(search.seed_params(seed_plan), user_attrs={"seed": seed_plan.origin, "seed_choices": choices})
 
@@ -609,9 +601,13 @@ def _finish(
 ) -> SearchResult:
     """Pick the best feasible plan whose measured latency really meets the target."""
     trials = study.trials
-    if trials and all(t.state == optuna.trial.TrialState.FAIL for t in trials):
-        reasons = {t.user_attrs.get("error", "unknown error") for t in trials}
-        raise EvaluationError(f"every trial failed to evaluate: {'; '.join(sorted(reasons))[:500]}")
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    if failed and not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+        reasons = {t.user_attrs.get("error", "unknown error") for t in failed}
+        raise EvaluationError(
+            f"every trial failed to evaluate ({len(failed)} failed, the others broke the budget): "
+            f"{'; '.join(sorted(reasons))[:500]}; fix eval_fn so it returns a finite number for any model"
+        )
     ranked = _best_feasible(trials)
     checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
     for trial in ranked[:max_verifications]:
@@ -622,10 +618,11 @@ def _finish(
             search.predictor.record(plan, measured.ms)
         checked.append((measured.ms, trial))
         if targets.latency_ms is None or measured.ms <= targets.latency_ms * (1 + tolerance):
-            final = ModelStats(measured.ms, measured.spread, count_flops(model, search.inputs), _params(model),
+            final = ModelStats(measured.ms, measured.spread, count_flops(model, search.inputs), count_params(model),
                                search.score(model))
-            plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number,
-                                  "baseline": baseline.to_dict(), "final": final.to_dict()})
+            plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number, "study": study.study_name,
+                                  "baseline": baseline.to_dict(), "final": final.to_dict(),
+                                  "layer_specs": [c.spec.to_dict() for c in search.candidates]})
             if search.predictor is not None:
                 plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
             return SearchResult(
@@ -654,10 +651,6 @@ def _finish(
         "target, run more trials, or widen the search space",
         best_plan=best_plan, best_latency_ms=best_ms,
     )
-
-
-def _params(model: nn.Module) -> int:
-    return count_params(model)
 
 
 def _pareto(study: optuna.Study, fingerprint: dict[str, Any]) -> list[ParetoPoint]:

@@ -187,7 +187,7 @@ class SearchSpace:
                     if reason is not None:
                         notes.append(f"{name}: {reason}")
                     elif self.rank_for(spec, name, self.cost_fraction_high) is None:
-                        notes.append(f"{name}: no rank costs less than {self.cost_fraction_high:.0%} of the layer")
+                        notes.append(f"{name}: no rank is cheaper than the original layer")
                     else:
                         allowed.append(name)
             result.append(LayerCandidates(spec=spec, methods=tuple(allowed), notes=tuple(notes)))
@@ -196,12 +196,16 @@ class SearchSpace:
     def rank_for(self, spec: LayerSpec, method_name: str, cost_fraction: float) -> Rank | None:
         """The rounded rank of ``method_name`` on ``spec`` whose cost is about ``cost_fraction`` of the layer.
 
-        ``None`` when even the smallest rank costs more. Rounding never crosses the break-even rank.
+        The smallest rank when even that costs more than asked; ``None`` when no rank costs less than
+        the original layer. Rounding never crosses the break-even rank.
         """
         method = get_method(method_name)
         rank = method.rank_for_cost_fraction(spec, cost_fraction)
         if rank is None:
-            return None
+            # even the smallest rank costs more than asked: it is still the most this method can save
+            rank = method.rank_from_scale(spec, 0.0)
+            if method.rank_for_cost_fraction(spec, 1.0) is None or _exceeds(rank, method.break_even_rank(spec)):
+                return None
         rounded = round_rank(method_name, spec, rank, self.round_to)
         break_even = method.break_even_rank(spec)
         if break_even is None:

@@ -12,6 +12,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .decompose import get_method
@@ -19,8 +20,9 @@ from .decompose.base import LayerCost, Rank
 from .layers import LayerSpec
 from .plan import CompressionPlan
 from .rebuild import check_finite_weights, replace_modules
+from .space import LayerCandidates
 
-__all__ = ["ModelWorkbench", "plan_cost"]
+__all__ = ["ModelWorkbench", "plan_cost", "drop_unreplaceable"]
 
 
 def plan_cost(specs: Sequence[LayerSpec], plan: CompressionPlan) -> LayerCost:
@@ -74,3 +76,38 @@ class ModelWorkbench:
                 replace_modules(self.model, self._current[name], module)
                 self._current[name] = module
         return self.model
+
+
+def drop_unreplaceable(reference: nn.Module, inputs: tuple, candidates: Sequence[LayerCandidates]) -> list[LayerCandidates]:
+    """Keep, with the reason, layers whose replacement breaks the model's forward pass.
+
+    That happens when code outside a layer reads its attributes (``F.linear(x, self.fc.weight)``
+    after also calling ``self.fc``). Each probe swaps in replacement *structures* (no
+    factorization) in a copy and runs the model once; the original is not touched.
+    """
+
+    def failure(probe: Sequence[LayerCandidates]) -> Exception | None:
+        work = copy.deepcopy(reference)
+        for cand in probe:
+            method = get_method(cand.methods[0])
+            target = work.get_submodule(cand.spec.name)
+            stand_in = method.structure(cand.spec, method.rank_from_scale(cand.spec, 0.0))
+            replace_modules(work, target, stand_in.to(device=target.weight.device, dtype=target.weight.dtype))
+        try:
+            with torch.inference_mode():
+                work(*inputs)
+        except Exception as exc:  # whatever the model's own code raises
+            return exc
+        return None
+
+    searchable = [c for c in candidates if c.searchable]
+    if not searchable or failure(searchable) is None:
+        return list(candidates)
+    checked = []
+    for cand in candidates:
+        exc = failure([cand]) if cand.searchable else None
+        if exc is not None:
+            note = f"replacing it breaks the model's forward ({type(exc).__name__}: {exc}); kept"
+            cand = LayerCandidates(spec=cand.spec, methods=(), notes=(*cand.notes, note))
+        checked.append(cand)
+    return checked

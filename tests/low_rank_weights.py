@@ -57,6 +57,46 @@ def _spatial_low_rank(layer: nn.Module, rank: int, gen: torch.Generator) -> torc
     return torch.cat(blocks).contiguous()
 
 
+def _tucker2_block(n: int, c: int, kernel: torch.Size, r1: int, r2: int, gen: torch.Generator) -> torch.Tensor:
+    """``core x_0 U_out x_1 U_in``: an (n, c, *kernel) kernel with Tucker ranks (r2, r1) on (n, c)."""
+    core = torch.randn(r2, r1, kernel.numel(), generator=gen)
+    u_out, u_in = torch.randn(n, r2, generator=gen), torch.randn(c, r1, generator=gen)
+    return torch.einsum("ijs,ni,cj->ncs", core, u_out, u_in).reshape(n, c, *kernel) / (r1 * r2) ** 0.5
+
+
+@low_rank_weight("tucker2")
+def _tucker2_low_rank(layer: nn.Module, rank: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Each group's kernel has Tucker ranks ``rank = (r_in, r_out)`` along its channel modes."""
+    n, c_g, *kernel = layer.weight.shape
+    groups = _groups(layer)
+    r1, r2 = rank
+    return torch.cat([_tucker2_block(n // groups, c_g, torch.Size(kernel), r1, r2, gen) for _ in range(groups)])
+
+
+@low_rank_weight("cp")
+def _cp_low_rank(layer: nn.Module, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """Each group's (N/G, C/G, kh, kw) kernel is a sum of ``rank`` rank-one terms."""
+    n, c_g, kh, kw = layer.weight.shape
+    groups = _groups(layer)
+    blocks = []
+    for _ in range(groups):
+        a, b, v, h = (torch.randn(size, rank, generator=gen) for size in (n // groups, c_g, kh, kw))
+        blocks.append(torch.einsum("nr,cr,ir,jr->ncij", a, b, v, h) / rank**0.5)
+    return torch.cat(blocks)
+
+
+@low_rank_weight("btd")
+def _btd_low_rank(layer: nn.Module, rank: tuple[int, int, int], gen: torch.Generator) -> torch.Tensor:
+    """Each group's kernel is a sum of ``B`` Tucker-2 blocks of ranks ``(r_in, r_out)``."""
+    n, c_g, *kernel = layer.weight.shape
+    groups = _groups(layer)
+    blocks, r1, r2 = rank
+    return torch.cat([
+        sum(_tucker2_block(n // groups, c_g, torch.Size(kernel), r1, r2, gen) for _ in range(blocks))
+        for _ in range(groups)
+    ])
+
+
 def _ring_weight(cores: list[torch.Tensor], out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> torch.Tensor:
     """``W[o, i] = trace(G_1[:, o_1, i_1, :] ... G_d[:, o_d, i_d, :])`` as an (out, in) matrix."""
     full = cores[0]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..layers import as_input_tuple, check_module
+from .._modes import eval_mode
 
 with warnings.catch_warnings():  # fvcore's import trips torch.jit deprecation warnings
     warnings.simplefilter("ignore")
@@ -60,20 +61,28 @@ def _report_unsupported(analysis: FlopCountAnalysis) -> None:
 
 def _run(model: nn.Module, example_inputs: Any) -> FlopCountAnalysis:
     analysis = _analysis(model, example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings on data-dependent control flow
-            analysis.total()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings on data-dependent control flow
+        analysis.total()
     _report_unsupported(analysis)
     return analysis
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """Total multiply-adds of one forward pass of ``model`` on ``example_inputs`` (fvcore).
+    """FLOPs of one forward pass of ``model`` on ``example_inputs``, counted by fvcore.
+
+    One multiply-add counts as one flop (fvcore's convention, :data:`FLOP_CONVENTION`); biases,
+    activations and normalisation are not counted. Operators fvcore cannot count add 0 and are
+    logged once per process at INFO level on ``ranksearch.cost``. The model is traced in eval
+    mode under ``torch.no_grad``; every submodule's train/eval mode is restored afterwards.
+
+    Args:
+        model: the model.
+        example_inputs: a tensor or a tuple of positional arguments for ``model``.
+
+    Raises:
+        NotAModuleError: if ``model`` is not a ``torch.nn.Module``.
+        InvalidInputsError: if ``example_inputs`` is ``None``.
 
     Example:
         >>> ranksearch.cost.count_flops(torch.nn.Linear(8, 4), torch.randn(2, 8))
@@ -83,7 +92,10 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
 
 
 def flops_by_module(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """Multiply-adds per module name (``""`` is the whole model), as fvcore attributes them."""
+    """FLOPs per module name (``""`` is the whole model), as fvcore attributes them.
+
+    Same convention as :func:`count_flops`: one multiply-add is one flop.
+    """
     return {name: int(v) for name, v in _run(model, example_inputs).by_module().items()}
 
 

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map
 
 from ..exceptions import DeviceUnavailableError, EvaluationError, InvalidInputsError
 from ..layers import as_input_tuple, check_module
+from .._modes import eval_mode
 
 __all__ = ["LatencyMeasurement", "LatencyFn", "measure_latency", "resolve_device", "model_device"]
 
@@ -38,8 +39,8 @@ log = logging.getLogger("ranksearch.cost")
 #: ``latency_fn(model, example_inputs) -> milliseconds``, for devices timed outside this process.
 LatencyFn = Callable[[nn.Module, Any], float]
 
-# Fewer timed blocks than this make the interquartile range meaningless, so the run time is
-# stretched for slow models until at least this many blocks fit.
+# Fewer timed blocks than this make the interquartile range meaningless, so more blocks are
+# timed until there are at least this many.
 _MIN_BLOCKS = 5
 
 
@@ -104,7 +105,10 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
         raise DeviceUnavailableError("the 'meta' device holds no data and cannot be timed; use 'cpu' or 'cuda'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}, but no GPU is visible"
+            build = (
+                "without CUDA" if torch.version.cuda is None
+                else f"with CUDA {torch.version.cuda}, but no GPU is visible"
+            )
             raise DeviceUnavailableError(
                 f"device {str(device)!r} is not available: this torch ({torch.__version__}) was built {build}; "
                 "use device='cpu', or pass latency_fn to time the model on a GPU reached another way"
@@ -148,18 +152,6 @@ def _inputs_on(example_inputs: Any, device: torch.device) -> tuple[Any, ...]:
 
 
 # --- modes and threads --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own mode (they may differ)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextlib.contextmanager
@@ -268,7 +260,14 @@ def _time_locally(
         stmt="model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads, timer=clock,
     )
     measurement = timer.blocked_autorange(min_run_time=max(min_run_time, _MIN_BLOCKS * per_call))
-    return _Attempt(ms=measurement.median * 1e3, iqr_ms=measurement.iqr * 1e3, runs=len(measurement.times))
+    times = list(measurement.times)
+    block_s = float(np.mean(measurement.raw_times))
+    for _ in range(_MIN_BLOCKS):  # blocks grow 10x at a time, so a few long ones may not be enough
+        if len(times) >= _MIN_BLOCKS:
+            break
+        times += timer.blocked_autorange(min_run_time=(_MIN_BLOCKS - len(times)) * block_s).times
+    p25, median, p75 = np.percentile(times, [25, 50, 75])  # as Measurement.median / .iqr compute them
+    return _Attempt(ms=float(median) * 1e3, iqr_ms=float(p75 - p25) * 1e3, runs=len(times))
 
 
 def _time_with_fn(model: nn.Module, example_inputs: Any, latency_fn: LatencyFn, calls: int) -> _Attempt:
@@ -361,6 +360,8 @@ def measure_latency(
             try:
                 return _time_locally(target, inputs, threads=threads, min_run_time=min_run_time, clock=timer_clock)
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise  # the device is too small, the inputs are not wrong
                 raise InvalidInputsError(
                     f"the model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
                     "pass inputs of the shape, dtype and device the model expects"
@@ -368,9 +369,9 @@ def measure_latency(
 
     best: _Attempt | None = None
     attempts = 0
-    # latency_fn gets the model as it is (it may export or script it); local timing runs without autograd
+    # local timing runs without autograd; latency_fn gets the caller's grad mode (it may export the model)
     grad_mode = torch.inference_mode() if latency_fn is None else contextlib.nullcontext()
-    with _eval_mode(target), grad_mode:
+    with eval_mode(target), grad_mode:
         for attempts in range(1, max_attempts + 1):  # noqa: B007  (attempts is reported)
             result = attempt()
             if best is None or result.spread < best.spread:

@@ -2,10 +2,18 @@
 
 A plan's latency is predicted as the model's measured baseline minus the per-layer savings the
 :class:`~ranksearch.cost.LatencyTable` gives for its choices. Layers timed alone do not add up
-exactly to the model (caches, allocation, one more module call per replaced layer), so each
-full-model check recorded with :meth:`LatencyPredictor.record` also calibrates a small
-correction: a scale on the savings and a cost per replaced layer, fitted by least squares with a
-prior that keeps them at "no correction" until the checks say otherwise.
+exactly to the model, so each full-model check recorded with :meth:`LatencyPredictor.record`
+also calibrates a small correction with three terms, each for a known cause:
+
+* a scale on the table's savings: inside the model a layer's inputs come from the previous layer,
+  not from the cache it left them in when timed alone in a loop;
+* a time per million parameters removed: inside the model a layer's weights are usually evicted
+  by the other layers', so a smaller weight saves memory traffic the isolated timing never saw
+  (this is what makes low-rank linear layers gain more in a model than alone);
+* a time per replaced layer: one more module call and intermediate tensor each.
+
+They are fitted by bounded least squares (scipy's ``lsq_linear``) with prior rows that hold them
+at "no correction" until the checks say otherwise, so a few noisy checks cannot swing them far.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import lsq_linear
 
+from ..decompose import get_method
 from ..exceptions import InvalidInputsError
 from ..plan import CompressionPlan
 from .table import LatencyTable
@@ -28,12 +38,27 @@ log = logging.getLogger("ranksearch.cost")
 # Predictions are kept above this fraction of the baseline: a table that promises more saving
 # than the whole model takes is wrong, and a latency of zero would break ratios downstream.
 _FLOOR = 0.01
+# The calibrated scale on the table's savings stays in this range; further out means bad checks
+# (a busy machine), not physics.
+_SCALE_RANGE = (0.5, 2.0)
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidInputsError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _Features:
+    saving_ms: float  # sum of the table's per-layer savings
+    mparams_removed: float  # millions of parameters the plan removes (negative if it adds)
+    replaced: int  # layers the plan replaces
 
 
 @dataclass(frozen=True)
 class _Check:
-    saving: float  # sum of the table's per-layer savings, ms
-    replaced: int  # layers the plan replaces
+    features: _Features
     predicted: float  # what predict() said before this check was recorded
     measured: float
 
@@ -56,40 +81,51 @@ class LatencyPredictor:
         {'checks': 1, 'median_rel_error': 0.04, 'worst_rel_error': 0.04}
     """
 
-    def __init__(self, table: LatencyTable, baseline_ms: float, *, calibrate: bool = True, prior_checks: float = 2.0) -> None:
-        if isinstance(baseline_ms, bool) or not isinstance(baseline_ms, (int, float)) or not math.isfinite(baseline_ms) or baseline_ms <= 0:
-            raise InvalidInputsError(f"baseline_ms must be the measured latency of the model in ms (> 0), got {baseline_ms!r}")
-        if not prior_checks > 0:
-            raise InvalidInputsError(f"prior_checks must be > 0, got {prior_checks!r}")
+    def __init__(
+        self, table: LatencyTable, baseline_ms: float, *, calibrate: bool = True, prior_checks: float = 3.0
+    ) -> None:
         self.table = table
-        self.baseline_ms = float(baseline_ms)
+        self.baseline_ms = _positive(baseline_ms, "baseline_ms (the measured latency of the model, in ms)")
+        prior_checks = _positive(prior_checks, "prior_checks")
         self.calibrate = calibrate
         self.prior_checks = float(prior_checks)
         self.checks: list[_Check] = []
-        self.scale = 1.0  # multiplies the table's savings
-        self.per_layer_ms = 0.0  # added per replaced layer
+        self.scale = 1.0  #: factor on the table's savings
+        self.ms_per_mparam = 0.0  #: ms saved per million parameters removed
+        self.per_layer_ms = 0.0  #: ms added per replaced layer
 
-    def table_saving(self, plan: CompressionPlan) -> tuple[float, int]:
-        """Sum of the table's savings over the plan's replaced layers, and how many there are."""
-        saving = 0.0
+    def _features(self, plan: CompressionPlan) -> _Features:
+        saving, removed = 0.0, 0
         for choice in plan.replaced:
+            spec = self.table.spec(choice.name)
+            method = get_method(choice.method)
             saving += self.table.saving_ms(choice.name, choice.method, choice.rank)
-        return saving, len(plan.replaced)
+            rank = method.normalize_rank(spec, choice.rank)  # type: ignore[arg-type]
+            removed += spec.params - method.cost(spec, rank).params
+        return _Features(saving, removed / 1e6, len(plan.replaced))
 
-    def _corrected(self, saving: float, replaced: int) -> float:
-        predicted = self.baseline_ms - self.scale * saving + self.per_layer_ms * replaced
+    def _corrected(self, f: _Features) -> float:
+        predicted = (
+            self.baseline_ms - self.scale * f.saving_ms - self.ms_per_mparam * f.mparams_removed
+            + self.per_layer_ms * f.replaced
+        )
         return max(predicted, _FLOOR * self.baseline_ms)
+
+    def table_saving(self, plan: CompressionPlan) -> float:
+        """Sum of the table's per-layer savings over the plan's replaced layers, in ms."""
+        return self._features(plan).saving_ms
 
     def predict(self, plan: CompressionPlan) -> float:
         """Predicted latency of ``plan`` applied to the model, in ms.
 
-        ``baseline - scale * sum(per-layer savings) + per_layer_ms * replaced layers``; the
-        correction is ``scale = 1, per_layer_ms = 0`` until checks are recorded.
+        ``baseline - scale * sum(per-layer savings) - ms_per_mparam * (millions of parameters
+        removed) + per_layer_ms * (replaced layers)``; until checks are recorded the correction
+        is ``scale = 1`` and zero for the other two terms, i.e. the table alone.
 
         Raises:
             PlanMismatchError: if the plan names a layer the table does not cover.
         """
-        return self._corrected(*self.table_saving(plan))
+        return self._corrected(self._features(plan))
 
     def record(self, plan: CompressionPlan, measured_ms: float) -> None:
         """Record a full-model measurement of ``plan`` and recalibrate.
@@ -97,28 +133,36 @@ class LatencyPredictor:
         The prediction error reported by :meth:`error_summary` is that of the prediction made
         before this check was recorded, so it is an honest out-of-sample figure.
         """
-        if isinstance(measured_ms, bool) or not isinstance(measured_ms, (int, float)) or not math.isfinite(measured_ms) or measured_ms <= 0:
-            raise InvalidInputsError(f"measured_ms must be a measured latency in ms (> 0), got {measured_ms!r}")
-        saving, replaced = self.table_saving(plan)
-        self.checks.append(_Check(saving, replaced, self._corrected(saving, replaced), float(measured_ms)))
+        measured_ms = _positive(measured_ms, "measured_ms (a measured latency, in ms)")
+        features = self._features(plan)
+        self.checks.append(_Check(features, self._corrected(features), measured_ms))
         if self.calibrate:
             self._refit()
 
+    @property
+    def correction(self) -> dict[str, float]:
+        """The current calibration terms (``scale`` 1 and the others 0 mean the table alone)."""
+        return {"scale": self.scale, "ms_per_mparam": self.ms_per_mparam, "per_layer_ms": self.per_layer_ms}
+
     def _refit(self) -> None:
-        """Least squares for ``baseline - measured = scale * saving - per_layer_ms * replaced``,
-        with prior rows pulling ``scale`` to 1 and ``per_layer_ms`` to 0."""
-        savings = np.array([c.saving for c in self.checks])
-        counts = np.array([c.replaced for c in self.checks], dtype=float)
-        observed = np.array([self.baseline_ms - c.measured for c in self.checks])
-        # prior rows scaled like a typical check, so prior_checks means what it says
-        s_typ = max(float(np.mean(np.abs(savings))), 1e-3 * self.baseline_ms)
-        n_typ = max(float(np.mean(counts)), 1.0)
+        """Least squares for ``baseline - measured = scale * saving + ms_per_mparam * mparams_removed
+        - per_layer_ms * replaced``, bounded (``scale`` in range, ``ms_per_mparam >= 0``), with
+        prior rows of ``prior_checks`` checks' weight pulling it to ``(1, 0, 0)``."""
+        a = np.array(
+            [[c.features.saving_ms, c.features.mparams_removed, -float(c.features.replaced)] for c in self.checks]
+        )
+        b = np.array([self.baseline_ms - c.measured for c in self.checks])
+        # Each prior row is sized like a typical check's term, so that prior_checks means what it
+        # says whatever the units; the floor keeps a term that is ~0 in every check at ~0.
+        typical = np.maximum(np.abs(a).mean(axis=0), [1e-3 * self.baseline_ms, 1e-6, 1e-3])
         weight = math.sqrt(self.prior_checks)
-        a = np.vstack([np.column_stack([savings, -counts]), [weight * s_typ, 0.0], [0.0, weight * n_typ]])
-        b = np.concatenate([observed, [weight * s_typ, 0.0]])
-        (scale, per_layer), *_ = np.linalg.lstsq(a, b, rcond=None)
-        self.scale = float(np.clip(scale, 0.25, 4.0))  # a wild scale means a bad check, not physics
-        self.per_layer_ms = float(per_layer)
+        prior_a = np.diag(weight * typical)
+        prior_b = np.array([weight * typical[0], 0.0, 0.0])
+        result = lsq_linear(
+            np.vstack([a, prior_a]), np.concatenate([b, prior_b]),
+            bounds=([_SCALE_RANGE[0], 0.0, -np.inf], [_SCALE_RANGE[1], np.inf, np.inf]),
+        )
+        self.scale, self.ms_per_mparam, self.per_layer_ms = (float(v) for v in result.x)
 
     def error_summary(self) -> dict[str, Any]:
         """``{"checks", "median_rel_error", "worst_rel_error"}`` over the recorded checks

@@ -36,7 +36,7 @@ from ..decompose.base import DecompositionMethod, Rank
 from ..exceptions import InvalidInputsError, PlanMismatchError, UnsupportedLayerError
 from ..layers import LayerSpec, capture_layer_specs, check_module
 from ..plan import KEEP, atomic_write_text
-from .latency import LatencyFn, measure_latency, resolve_device
+from .latency import LatencyFn, _positive_int, measure_latency, resolve_device
 
 __all__ = ["LatencyTable", "default_cache_dir"]
 
@@ -65,8 +65,8 @@ def _cpu_name() -> str:
 
 def _device_label(device: torch.device | None, latency_fn: LatencyFn | None, device_name: str | None) -> str:
     if latency_fn is not None:
-        fn_name = f"{getattr(latency_fn, '__module__', '')}.{getattr(latency_fn, '__qualname__', type(latency_fn).__name__)}"
-        return f"custom:{device_name or fn_name}"
+        qualname = getattr(latency_fn, "__qualname__", type(latency_fn).__name__)
+        return f"custom:{device_name or getattr(latency_fn, '__module__', '') + '.' + qualname}"
     assert device is not None
     if device_name:
         return f"{device.type}:{device_name}"
@@ -153,7 +153,7 @@ class LatencyTable:
         self._specs = self._with_shapes(model, example_inputs, specs)
         self._latency_fn = latency_fn
         self._device = None if latency_fn is not None else resolve_device(device, model)
-        self.threads = torch.get_num_threads() if threads is None else threads
+        self.threads = _positive_int(torch.get_num_threads() if threads is None else threads, "threads")
         self._timing = {
             "min_run_time": min_run_time, "max_spread": max_spread, "max_attempts": max_attempts, "clock": clock,
         }
@@ -164,7 +164,8 @@ class LatencyTable:
             "clock": clock if isinstance(clock, str) else getattr(clock, "__qualname__", type(clock).__name__),
         }
         digest = hashlib.sha256(json.dumps(self.context, sort_keys=True).encode()).hexdigest()[:16]
-        self._cache_path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "latency" / f"{digest}.json"
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._cache_path = root / "latency" / f"{digest}.json"
         self._use_cache = cache
         self._entries: dict[str, dict[str, Any]] = self._load() if cache else {}
         self._new: dict[str, dict[str, Any]] = {}
@@ -401,5 +402,7 @@ class LatencyTable:
         try:
             atomic_write_text(self._cache_path, json.dumps(data, indent=1, sort_keys=True) + "\n")
         except OSError as exc:
-            log.warning("cannot write the latency cache %s (%s); measurements are kept in memory only", self._cache_path, exc)
+            log.warning(
+                "cannot write the latency cache %s (%s); measurements are kept in memory only", self._cache_path, exc
+            )
         self._new.clear()

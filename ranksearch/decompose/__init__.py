@@ -12,7 +12,7 @@ from .base import (
 )
 
 # Each import registers its methods; the order here is the order ``methods()`` lists them in.
-from . import svd, channel, spatial  # noqa: E402,F401  isort: skip
+from . import svd, channel, spatial, tucker2, cp, btd  # noqa: E402,F401  isort: skip
 from . import tt, tr  # noqa: E402,F401  isort: skip  (after every other family)
 
 __all__ = [

@@ -186,7 +186,10 @@ class DecompositionMethod(ABC):
         with torch.no_grad():
             self.load_weights(replacement, layer, spec, rank)
         weight = layer.weight
-        return replacement.to(device=weight.device, dtype=weight.dtype)
+        replacement = replacement.to(device=weight.device, dtype=weight.dtype)
+        if not weight.requires_grad:  # a frozen layer stays frozen
+            replacement.requires_grad_(False)
+        return replacement
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

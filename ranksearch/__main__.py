@@ -1,0 +1,7 @@
+"""``python -m ranksearch``: the same command line as the ``ranksearch`` script."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())

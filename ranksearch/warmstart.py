@@ -1,0 +1,121 @@
+"""The first trials of a search: heuristic seed plans, and the same ideas fitted to the budget.
+
+A short search should already start from the best one-shot answers. Two kinds of warm start:
+
+* **heuristic seeds** - the VBMF plan, optionally weakened VBMF, and the energy-threshold plans
+  (``ranksearch.rank``), exactly as the heuristics give them;
+* **budget-fitted seeds** - a one-dimensional knob tuned by bisection so that the plan just meets
+  the budget: the energy threshold ``tau`` (ranks where the spectrum says), and, per method family,
+  one cost fraction shared by every layer (the "uniform ratio" plan). These are the plans a careful
+  user would build by hand; the search starts from them and improves on them.
+
+A choice is ``layer name -> (method, rank)``; layers not in it are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .decompose.base import Rank
+from .rank import default_method, suggest_rank
+from .space import LayerCandidates, SearchSpace
+
+__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS"]
+
+log = logging.getLogger("ranksearch.warmstart")
+
+Choices = dict[str, tuple[str, Rank]]
+
+#: energy thresholds of the heuristic seeds (besides VBMF)
+SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class Seed:
+    origin: str
+    choices: Choices
+
+
+def seed_method(cand: LayerCandidates) -> str:
+    """The method seeds use on a layer: the heuristics' default (Tucker-2 for k x k convs, as in Kim et
+    al. 2015; SVD for linear layers) when the space allows it, else the first allowed method."""
+    preferred = default_method(cand.spec)
+    return preferred if preferred in cand.methods else cand.methods[0]
+
+
+def _heuristic_choices(reference: nn.Module, searchable: Sequence[LayerCandidates], round_to: int,
+                       **options: Any) -> Choices:
+    choices: Choices = {}
+    for cand in searchable:
+        method = seed_method(cand)
+        try:
+            rank = suggest_rank(reference.get_submodule(cand.spec.name), cand.spec, method, round_to=round_to, **options)
+        except Exception as exc:  # one layer's heuristic failing must not sink the search
+            log.debug("no seed rank for %s (%s): %s", cand.spec.name, options, exc)
+            continue
+        if rank is not None:
+            choices[cand.spec.name] = (method, rank)
+    return choices
+
+
+def heuristic_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], space: SearchSpace, *,
+                    weakening: float | None = None) -> list[Seed]:
+    """VBMF, weakened VBMF (if ``weakening``) and the energy-threshold plans."""
+    configs: list[tuple[str, dict[str, Any]]] = [("seed:vbmf", {"heuristic": "vbmf"})]
+    if weakening:
+        configs.append((f"seed:vbmf-weak-{weakening:g}", {"heuristic": "vbmf", "weakening": weakening}))
+    configs += [(f"seed:energy-{tau:.2f}", {"heuristic": "energy", "tau": tau}) for tau in SEED_ENERGY_TAUS]
+    return [Seed(origin, _heuristic_choices(reference, searchable, space.round_to, **options))
+            for origin, options in configs]
+
+
+def _largest_feasible(make: Callable[[float], Choices], feasible: Callable[[Choices], bool],
+                      low: float, high: float, steps: int = 12) -> Choices | None:
+    """Bisection for the largest knob value in [low, high] whose plan is feasible (cost grows with the knob)."""
+    if feasible(make(high)):
+        return make(high)
+    best = make(low)
+    if not feasible(best):
+        return None
+    for _ in range(steps):
+        mid = (low + high) / 2
+        choices = make(mid)
+        if feasible(choices):
+            low, best = mid, choices
+        else:
+            high = mid
+    return best
+
+
+def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], space: SearchSpace,
+                 feasible: Callable[[Choices], bool]) -> list[Seed]:
+    """Plans tuned to just meet the budget: energy threshold, and one shared cost fraction per family."""
+    seeds = []
+
+    def energy_plan(tau: float) -> Choices:
+        return _heuristic_choices(reference, searchable, space.round_to, heuristic="energy", tau=tau)
+
+    fitted = _largest_feasible(energy_plan, feasible, 0.30, 0.999)
+    if fitted:
+        seeds.append(Seed("seed:energy-fit", fitted))
+
+    families = sorted({m for cand in searchable for m in cand.methods})
+    for family in families:
+        def uniform_plan(fraction: float, family: str = family) -> Choices:
+            choices: Choices = {}
+            for cand in searchable:
+                method = family if family in cand.methods else seed_method(cand)
+                rank = space.rank_for(cand.spec, method, fraction)
+                if rank is not None:
+                    choices[cand.spec.name] = (method, rank)
+            return choices
+
+        fitted = _largest_feasible(uniform_plan, feasible, space.cost_fraction_low, space.cost_fraction_high)
+        if fitted:
+            seeds.append(Seed(f"seed:uniform-{family}-fit", fitted))
+    return seeds

@@ -1,0 +1,34 @@
+"""Tiny models and helpers the command-line tests name as ``tests.cli_factory:...``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IN_FEATURES = 32
+
+
+def mlp() -> nn.Module:
+    """A seeded three-layer MLP (32 -> 64 -> 64 -> 8): the same weights in every process."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN_FEATURES, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def untrained_mlp() -> nn.Module:
+    """The same architecture with other weights (a state_dict of :func:`mlp` loads into it)."""
+    return nn.Sequential(nn.Linear(IN_FEATURES, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+def not_a_module() -> int:
+    return 42
+
+
+def agreement(model: nn.Module) -> float:
+    """An eval_fn: top-1 agreement with :func:`mlp` on fixed inputs."""
+    x = torch.randn(64, IN_FEATURES, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return float((model(x).argmax(1) == mlp()(x).argmax(1)).float().mean())
