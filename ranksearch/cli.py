@@ -318,7 +318,7 @@ def _example_inputs(args: argparse.Namespace, model: Any) -> Any:
     if args.inputs:
         return load_inputs(args.inputs)
     if args.input_shape:
-        return random_inputs(args.input_shape, args.input_dtype, model, seed=args.seed or 0)
+        return random_inputs(args.input_shape, args.input_dtype, model, seed=getattr(args, "seed", None) or 0)
     return None
 
 

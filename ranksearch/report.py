@@ -453,10 +453,10 @@ def _pareto_figure(fig: _Figures) -> Any | None:
     label = _COST_LABELS[fig.cost_key]
     with warnings.catch_warnings(), plt.style.context("default"):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # Optuna's own plot draws the trials and the front; cost on x, quality on y
+        # Optuna's own plot draws the trials and the front (greying infeasible ones from the trials'
+        # constraints); cost on x, quality on y
         ax = optuna.visualization.matplotlib.plot_pareto_front(
             fig.study, targets=lambda t: (t.values[1], t.values[0]), target_names=[label, "quality score"],
-            constraints_func=lambda t: list((t.constraints or {}).values()) or [0.0],
         )
         figure = ax.figure
         plt.close(figure)  # detached from pyplot: nothing is shown, the figure stays drawable

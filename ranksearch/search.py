@@ -23,15 +23,12 @@ latency target is set), so its Pareto front answers other budgets too.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import optuna
@@ -40,92 +37,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cost import LatencyPredictor, LatencyTable, count_flops, count_params, measure_latency
-from .cost.latency import resolve_device
+from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
-from .exceptions import (
-    EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, StorageError,
-    StudyMismatchError, TargetUnreachableError,
-)
-from .layers import LayerSpec, as_input_tuple, capture_layer_specs, check_module, layer_kind
-from .plan import KEEP, CompressionPlan, LayerChoice, model_fingerprint
+from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
+from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
+from .plan import CompressionPlan, model_fingerprint
 from .quality import FidelityScorer, calibration_batches, checked_score
 from .rebuild import apply_plan, check_finite_parameters
-from .result import ModelStats, ParetoPoint, SearchResult
+from .result import ModelStats, SearchResult
 from .space import LayerCandidates, SearchSpace, load_space
-from .warmstart import Seed, fitted_seeds, heuristic_seeds
-from .workbench import ModelWorkbench, drop_unreplaceable, plan_cost
+from .study import best_feasible, open_storage, open_study, pareto_points, plan_of, quiet_optuna
+from .targets import Targets
+from .trials import EvalFn, TrialRunner
+from .workbench import drop_unreplaceable
 
 __all__ = ["optimize", "Targets"]
 
 log = logging.getLogger("ranksearch.search")
-
-EvalFn = Callable[[nn.Module], float]
-LatencyFn = Callable[[nn.Module, Any], float]
-
-# --- targets -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Targets:
-    """Budgets as absolute numbers (``None`` where not set)."""
-
-    latency_ms: float | None = None
-    flops: float | None = None
-    params: float | None = None
-
-    @staticmethod
-    def _positive(name: str, value: Any) -> None:
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise InvalidTargetError(f"{name} must be a positive number, got {value!r}")
-
-    @classmethod
-    def parse(cls, *, latency_ms: Any, flops: Any, params: Any, baseline_flops: int, baseline_params: int) -> Targets:
-        """Validate the user's targets; floats in (0, 1] for FLOPs / params are fractions of the original."""
-        for name, value in (("target_latency_ms", latency_ms), ("target_flops", flops), ("target_params", params)):
-            cls._positive(name, value)
-
-        def absolute(value: Any, baseline: int) -> float | None:
-            if value is None:
-                return None
-            if isinstance(value, float) and value <= 1.0:
-                return value * baseline
-            return float(value)
-
-        return cls(
-            latency_ms=float(latency_ms) if latency_ms is not None else None,
-            flops=absolute(flops, baseline_flops),
-            params=absolute(params, baseline_params),
-        )
-
-    @classmethod
-    def require_one(cls, latency_ms: Any, flops: Any, params: Any) -> None:
-        if latency_ms is None and flops is None and params is None:
-            raise InvalidTargetError(
-                "give at least one budget: target_latency_ms=..., target_flops=... (a fraction in (0, 1] "
-                "or an absolute count) or target_params=..."
-            )
-        for name, value in (("target_latency_ms", latency_ms), ("target_flops", flops), ("target_params", params)):
-            cls._positive(name, value)
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in (("latency_ms", self.latency_ms), ("flops", self.flops), ("params", self.params)) if v is not None}
-
-    def violations(self, *, latency_ms: float | None, flops: float, params: float) -> dict[str, float]:
-        """Relative excess per target: ``(value - target) / target``; <= 0 means met."""
-        out: dict[str, float] = {}
-        if self.latency_ms is not None and latency_ms is not None:
-            out["latency"] = (latency_ms - self.latency_ms) / self.latency_ms
-        if self.flops is not None:
-            out["flops"] = (flops - self.flops) / self.flops
-        if self.params is not None:
-            out["params"] = (params - self.params) / self.params
-        return out
-
-
-# --- inputs, storage -------------------------------------------------------------------------
-
 
 def _infer_example_inputs(model: nn.Module, calib_data: Iterable[Any] | None) -> tuple[Any, ...]:
     """Example inputs when the user gave none: the first calibration item, or a first Linear's size."""
@@ -147,225 +75,6 @@ def _move(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
     return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in inputs)
 
 
-def open_storage(storage: Any) -> Any:
-    """Validate an Optuna storage (URL or object) before any work is done.
-
-    Raises:
-        StorageError: for a malformed or unreachable URL.
-    """
-    if storage is None or not isinstance(storage, str):
-        return storage
-    try:
-        return optuna.storages.RDBStorage(storage)
-    except Exception as exc:  # sqlalchemy's errors vary by backend; all mean the same to the user
-        raise StorageError(
-            f"cannot open storage {storage!r} ({type(exc).__name__}: {exc}); use a database URL such as "
-            "'sqlite:///study.db' or an optuna storage object"
-        ) from exc
-
-
-_STUDY_KEY = "ranksearch"
-
-
-def _open_study(
-    storage: Any, study_name: str | None, *, directions: list[str], sampler: optuna.samplers.BaseSampler,
-    identity: dict[str, Any],
-) -> optuna.Study:
-    """Create the study, or load it to resume; refuse one made for another model, space or budget."""
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, directions=directions, sampler=sampler, load_if_exists=True,
-    )
-    recorded = study.user_attrs.get(_STUDY_KEY)
-    if recorded is None:
-        if study.trials:
-            raise StudyMismatchError(
-                f"study {study.study_name!r} already has trials that ranksearch did not make; use another study_name"
-            )
-        study.set_user_attr(_STUDY_KEY, identity)
-        return study
-    for key, what in (("model", "model"), ("space", "search space"), ("targets", "budget")):
-        if recorded.get(key) != identity[key]:
-            raise StudyMismatchError(
-                f"study {study.study_name!r} was made for another {what} ({key}: {recorded.get(key)!r}, now "
-                f"{identity[key]!r}); use a new study_name, or the same {what} to resume it"
-            )
-    return study
-
-
-# --- the objective -----------------------------------------------------------------------------
-
-
-def _param_names(name: str) -> tuple[str, str]:
-    return f"{name}.method", f"{name}.cost_fraction"
-
-
-def _relative_cost(spec: LayerSpec, method: str, rank: Any) -> float:
-    cost = get_method(method).cost(spec, rank)
-    if spec.flops:
-        return cost.flops / spec.flops
-    return cost.params / spec.params
-
-
-class _Search:
-    """State shared by the trials of one ``optimize`` call."""
-
-    def __init__(
-        self, *, reference: nn.Module, inputs: tuple[Any, ...], candidates: list[LayerCandidates],
-        space: SearchSpace, targets: Targets, baseline: ModelStats, eval_fn: EvalFn | None,
-        scorer: FidelityScorer | None, predictor: LatencyPredictor | None, measure: Callable[[nn.Module], Any],
-        fingerprint: dict[str, Any], latency_check_every: int,
-    ) -> None:
-        self.reference = reference
-        self.inputs = inputs
-        self.searchable = [c for c in candidates if c.searchable]
-        self.candidates = candidates
-        self.specs = [c.spec for c in candidates]
-        self.space = space
-        self.targets = targets
-        self.baseline = baseline
-        self.eval_fn = eval_fn
-        self.scorer = scorer
-        self.predictor = predictor
-        self.measure = measure
-        self.fingerprint = fingerprint
-        self.latency_check_every = latency_check_every
-        self.workbench = ModelWorkbench(reference, [c.spec for c in self.searchable])
-        self.evaluated = 0
-
-    # -- plans ----------------------------------------------------------------------------------
-
-    def kept_notes(self) -> list[LayerChoice]:
-        """``keep`` entries, with the reason, for layers the search could not touch."""
-        return [
-            LayerChoice(c.spec.name, KEEP, origin="search-space", reason="; ".join(c.notes) or "no method applies")
-            for c in self.candidates if not c.searchable
-        ]
-
-    def make_plan(self, choices: dict[str, tuple[str, Any]], origin: str, metadata: Mapping[str, Any] | None = None) -> CompressionPlan:
-        layers = [
-            LayerChoice(name, method, rank, origin=origin)
-            for name, (method, rank) in choices.items() if method != KEEP
-        ]
-        return CompressionPlan(layers=layers + self.kept_notes(), fingerprint=self.fingerprint, metadata=dict(metadata or {}))
-
-    def sample_choices(self, trial: optuna.Trial) -> dict[str, tuple[str, Any]]:
-        choices: dict[str, tuple[str, Any]] = {}
-        for cand in self.searchable:
-            method_param, fraction_param = _param_names(cand.spec.name)
-            method = trial.suggest_categorical(method_param, [KEEP, *cand.methods])
-            if method == KEEP:
-                continue
-            fraction = trial.suggest_float(fraction_param, self.space.cost_fraction_low, self.space.cost_fraction_high)
-            rank = self.space.rank_for(cand.spec, method, fraction)
-            if rank is not None:
-                choices[cand.spec.name] = (method, rank)
-        return choices
-
-    def violations(self, choices: dict[str, tuple[str, Any]]) -> dict[str, float]:
-        """Relative excess over each budget of a plan, from analytic costs and predicted latency."""
-        plan = self.make_plan(choices, "check")
-        saved = plan_cost(self.specs, plan)
-        predicted = self.predictor.predict(plan) if self.predictor is not None else None
-        return self.targets.violations(latency_ms=predicted, flops=self.baseline.flops - saved.flops,
-                                       params=self.baseline.params - saved.params)
-
-    def feasible(self, choices: dict[str, tuple[str, Any]]) -> bool:
-        return all(v <= 0 for v in self.violations(choices).values())
-
-    def seeds(self, weakening: float | None) -> list[Seed]:
-        """Heuristic seeds, then budget-fitted ones, without duplicates."""
-        found = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
-        found += fitted_seeds(self.reference, self.searchable, self.space, self.feasible)
-        unique: dict[str, Seed] = {}
-        for seed in found:
-            unique.setdefault(json.dumps(sorted((k, m, str(r)) for k, (m, r) in seed.choices.items())), seed)
-        return list(unique.values())
-
-    def seed_params(self, seed: Seed) -> dict[str, Any]:
-        """Optuna parameters that approximate a seed plan (the seed's exact ranks are used in the trial)."""
-        params: dict[str, Any] = {}
-        low, high = self.space.cost_fraction_low, self.space.cost_fraction_high
-        for cand in self.searchable:
-            method_param, fraction_param = _param_names(cand.spec.name)
-            method, rank = seed.choices.get(cand.spec.name, (KEEP, None))
-            params[method_param] = method
-            if method != KEEP:
-                params[fraction_param] = min(high, max(low, _relative_cost(cand.spec, method, rank)))
-        return params
-
-    # -- one trial ------------------------------------------------------------------------------
-
-    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
-        """One trial; any failure other than a budget miss is recorded on the trial and the search goes on."""
-        try:
-            return self._trial(trial)
-        except optuna.TrialPruned:
-            raise
-        except Exception as exc:  # a broken eval_fn, rebuild or forward must not end a long search
-            message = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("error", message)
-            log.warning("trial %d failed: %s", trial.number, message)
-            raise EvaluationError(message) from exc
-
-    def _trial(self, trial: optuna.Trial) -> tuple[float, float]:
-        started = time.perf_counter()
-        seed_choices = trial.user_attrs.get("seed_choices")
-        if seed_choices is not None:
-            self.sample_choices(trial)  # registers the enqueued parameters with the sampler
-            choices = {name: (m, tuple(r) if isinstance(r, list) else r) for name, (m, r) in seed_choices.items()}
-            origin = trial.user_attrs["seed"]
-        else:
-            choices = self.sample_choices(trial)
-            origin = f"trial:{trial.number}"
-        plan = self.make_plan(choices, origin)
-        trial.set_user_attr("plan", plan.to_dict()["layers"])
-
-        saved = plan_cost(self.specs, plan)
-        flops, params = self.baseline.flops - saved.flops, self.baseline.params - saved.params
-        predicted = self.predictor.predict(plan) if self.predictor is not None else None
-        trial.set_user_attr("flops", flops)
-        trial.set_user_attr("params", params)
-        if predicted is not None:
-            trial.set_user_attr("predicted_latency_ms", predicted)
-        violations = self.targets.violations(latency_ms=predicted, flops=flops, params=params)
-        for key, value in violations.items():
-            trial.set_constraint(key, value)
-        cost_time = time.perf_counter() - started
-        trial.set_user_attr("time_cost_s", cost_time)
-        broken = {k: v for k, v in violations.items() if v > 0}
-        if broken:
-            reason = ", ".join(f"{k} {v:+.1%} over budget" for k, v in broken.items())
-            trial.set_user_attr("skipped", f"not evaluated: {reason}")
-            raise optuna.TrialPruned(reason)
-
-        t0 = time.perf_counter()
-        model = self.workbench.apply(plan)
-        t1 = time.perf_counter()
-        score = self.score(model, trial)
-        t2 = time.perf_counter()
-        trial.set_user_attr("time_rebuild_s", t1 - t0)
-        trial.set_user_attr("time_eval_s", t2 - t1)
-        self.evaluated += 1
-        if self.predictor is not None and self.latency_check_every and self.evaluated % self.latency_check_every == 0:
-            measured = self.measure(model).ms
-            self.predictor.record(plan, measured)
-            trial.set_user_attr("measured_latency_ms", measured)
-        cost = predicted if predicted is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
-        return score, float(cost)
-
-    def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
-        if self.eval_fn is not None:
-            return checked_score(self.eval_fn, model)
-        assert self.scorer is not None
-        fidelity = self.scorer(model)
-        if trial is not None and fidelity.top1_agreement is not None:
-            trial.set_user_attr("top1_agreement", fidelity.top1_agreement)
-        return fidelity.score
-
-
-# --- progress ---------------------------------------------------------------------------------
-
-
 class _Progress:
     """tqdm bar: trials done, best feasible score and its latency (or FLOPs)."""
 
@@ -375,41 +84,13 @@ class _Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.bar.update(1)
-        best = _best_feasible(study.trials)
+        best = best_feasible(study.trials)
         if best:
             top = best[0]
             self.bar.set_postfix(best_score=f"{top.values[0]:.4f}", **{self.unit_key: f"{top.values[1]:.4g}"})
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values())
-
-
-def _best_feasible(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and _feasible(t)]
-    return sorted(done, key=lambda t: (-t.values[0], t.values[1], t.number))
-
-
-@contextlib.contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # ranksearch logs failed trials itself, in one line
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(level)
-
-
-def _plan_of(trial: optuna.trial.FrozenTrial, fingerprint: dict[str, Any]) -> CompressionPlan:
-    plan = CompressionPlan.from_dict({"layers": trial.user_attrs["plan"]})
-    plan.fingerprint = fingerprint
-    return plan
-
-
-# --- optimize ---------------------------------------------------------------------------------
 
 
 def optimize(
@@ -517,8 +198,8 @@ def optimize(
     cost_key = "latency_ms" if targets.latency_ms is not None else ("flops" if targets.flops is not None else "params")
     identity = {"model": fingerprint["digest"], "space": space.digest, "targets": targets.as_dict(),
                 "objectives": ["quality", cost_key]}
-    with _quiet_optuna():
-        study = _open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)
+    with quiet_optuna():
+        study = open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)
     # what a report needs to read the study on its own (e.g. `ranksearch report --storage ...`)
     study.set_user_attr("baseline", baseline.to_dict())
     study.set_user_attr("layer_specs", [spec.to_dict() for spec in specs])
@@ -542,7 +223,7 @@ def optimize(
         table.prepare({c.spec.name: c.methods for c in searchable})
         predictor = LatencyPredictor(table, baseline.latency_ms)
 
-    search = _Search(
+    search = TrialRunner(
         reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
         eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure, fingerprint=fingerprint,
         latency_check_every=latency_check_every,
@@ -556,7 +237,7 @@ def optimize(
     remaining = max(0, n_trials - len(finished))
     progress = _Progress(remaining, show_progress_bar, cost_key)
     try:
-        with _quiet_optuna():
+        with quiet_optuna():
             study.optimize(search.objective, n_trials=remaining, timeout=timeout, catch=(EvaluationError,),
                            callbacks=[progress])
     except KeyboardInterrupt:
@@ -596,7 +277,7 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
 
 
 def _finish(
-    study: optuna.Study, search: _Search, targets: Targets, baseline: ModelStats,
+    study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats,
     measure: Callable[[nn.Module], Any], tolerance: float, max_verifications: int = 5,
 ) -> SearchResult:
     """Pick the best feasible plan whose measured latency really meets the target."""
@@ -608,10 +289,10 @@ def _finish(
             f"every trial failed to evaluate ({len(failed)} failed, the others broke the budget): "
             f"{'; '.join(sorted(reasons))[:500]}; fix eval_fn so it returns a finite number for any model"
         )
-    ranked = _best_feasible(trials)
+    ranked = best_feasible(trials)
     checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
     for trial in ranked[:max_verifications]:
-        plan = _plan_of(trial, search.fingerprint)
+        plan = plan_of(trial, search.fingerprint)
         model = apply_plan(search.reference, plan).eval()
         measured = measure(model)
         if search.predictor is not None:
@@ -627,7 +308,7 @@ def _finish(
                 plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
             return SearchResult(
                 model=model, plan=plan, study=study, baseline=baseline, final=final,
-                pareto=_pareto(study, search.fingerprint), targets=targets.as_dict(),
+                pareto=pareto_points(study, search.fingerprint), targets=targets.as_dict(),
                 prediction_error=search.predictor.error_summary() if search.predictor is not None else None,
             )
         log.info("trial %d: measured %.3f ms misses the %.3f ms target; trying the next best plan",
@@ -636,14 +317,14 @@ def _finish(
     best_plan, best_ms = None, None
     if checked:
         best_ms, best_trial = min(checked, key=lambda item: item[0])
-        best_plan = _plan_of(best_trial, search.fingerprint)
+        best_plan = plan_of(best_trial, search.fingerprint)
     else:
         candidates = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                       and "plan" in t.user_attrs]
         if candidates:
             key = "predicted_latency_ms" if targets.latency_ms is not None else "flops"
             best_trial = min(candidates, key=lambda t: t.user_attrs.get(key, math.inf))
-            best_plan = _plan_of(best_trial, search.fingerprint)
+            best_plan = plan_of(best_trial, search.fingerprint)
             best_ms = best_trial.user_attrs.get("predicted_latency_ms")
     achievable = f"; the fastest plan found runs in {best_ms:.3f} ms" if best_ms is not None else ""
     raise TargetUnreachableError(
@@ -651,17 +332,3 @@ def _finish(
         "target, run more trials, or widen the search space",
         best_plan=best_plan, best_latency_ms=best_ms,
     )
-
-
-def _pareto(study: optuna.Study, fingerprint: dict[str, Any]) -> list[ParetoPoint]:
-    points = []
-    for trial in study.best_trials:
-        if not _feasible(trial):
-            continue
-        points.append(ParetoPoint(
-            trial=trial.number, plan=_plan_of(trial, fingerprint), score=trial.values[0],
-            latency_ms=trial.user_attrs.get("predicted_latency_ms"),
-            measured_latency_ms=trial.user_attrs.get("measured_latency_ms"),
-            flops=int(trial.user_attrs["flops"]), params=int(trial.user_attrs["params"]),
-        ))
-    return sorted(points, key=lambda p: -p.score)

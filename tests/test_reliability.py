@@ -5,7 +5,6 @@ Every search here uses a FLOP or parameter target (no timing noise matters) and 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import optuna
