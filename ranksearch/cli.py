@@ -308,13 +308,20 @@ def _session(args: argparse.Namespace) -> Iterator[None]:
                 torch.set_num_threads(saved_threads)
 
 
-def _example_inputs(args: argparse.Namespace, model: Any) -> Any:
-    from .model_io import load_inputs, random_inputs
-
+def _check_inputs(args: argparse.Namespace) -> None:
     if args.inputs and args.input_shape:
         raise _UsageError("give either --inputs or --input-shape, not both")
     if args.input_dtype and not args.input_shape:
         raise _UsageError("--input-dtype goes with --input-shape")
+    if args.input_dtype and len(args.input_dtype) not in (1, len(args.input_shape)):
+        raise _UsageError(f"{len(args.input_dtype)} --input-dtype for {len(args.input_shape)} --input-shape: "
+                          "give one dtype for all inputs or one per shape")
+
+
+def _example_inputs(args: argparse.Namespace, model: Any) -> Any:
+    from .model_io import load_inputs, random_inputs
+
+    _check_inputs(args)
     if args.inputs:
         return load_inputs(args.inputs)
     if args.input_shape:
@@ -333,6 +340,7 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
     Returns the result and the example inputs used (``None`` when optimize inferred them).
     """
     _check_targets(args)
+    _check_inputs(args)
     from .exceptions import InvalidInputsError
     from .model_io import load_calibration, load_model, resolve_callable
     from .search import optimize
@@ -388,8 +396,8 @@ def _open_study(storage_text: str, study_name: str) -> Any:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from .exceptions import TargetUnreachableError
     from .cost.latency import model_device
+    from .exceptions import TargetUnreachableError
     from .model_io import export_program, save_compressed
     from .report import write_report
 
@@ -433,10 +441,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .plan import CompressionPlan
     from .rebuild import apply_plan
 
-    plan = CompressionPlan.load(args.plan)
     out: Path = args.out
+    _check_inputs(args)
     if out.suffix == ".pt2" and not (args.inputs or args.input_shape):
         raise _UsageError("a .pt2 export program needs example inputs: --input-shape or --inputs")
+    plan = CompressionPlan.load(args.plan)
     model = load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file)
     compressed = apply_plan(model, plan).eval()
     if out.suffix == ".pt2":

@@ -22,8 +22,8 @@ import importlib
 import logging
 import os
 import pickle
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -421,12 +421,25 @@ def load_calibration(path: str | os.PathLike[str]) -> list[tuple[torch.Tensor, .
 # --- writing ------------------------------------------------------------------------------------
 
 
+def _temporary_beside(target: Path, suffix: str) -> str:
+    """A new, empty temporary file next to ``target``, with the permissions a plain ``open`` gives.
+
+    (``tempfile.mkstemp`` would make it readable by its owner only, whatever the umask.)
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.parent / f".{target.stem}.{secrets.token_hex(6)}{suffix}"
+        try:
+            with open(tmp, "xb"):
+                return str(tmp)
+        except FileExistsError:
+            continue
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` through a temporary file and a rename (a crash never leaves half a file)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temporary_beside(target, ".tmp")
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as handle:
@@ -483,9 +496,7 @@ def export_program(model: nn.Module, example_inputs: tuple[Any, ...], path: str 
     """
     program = torch.export.export(model.eval(), tuple(example_inputs))
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".pt2")
-    os.close(fd)
+    tmp = _temporary_beside(target, ".pt2")  # torch.export.save wants the .pt2 suffix
     try:
         torch.export.save(program, tmp)
         os.replace(tmp, target)

@@ -210,7 +210,9 @@ def _gather(result: SearchResult | None, plan: CompressionPlan | None, study: An
             )
     if not specs:
         notes.append("no layer descriptions were stored with this plan: per-layer costs are unknown")
-    title = f"ranksearch report: study {study.study_name!r}" if study is not None else "ranksearch report"
+    title = "ranksearch report"
+    if study is not None and not study.study_name.startswith("no-name-"):  # Optuna's name for unnamed studies
+        title += f": study {study.study_name!r}"
     return _Figures(title=title, plan=plan, specs=specs, baseline=baseline, final=final,
                     final_measured=final_measured, targets=targets, cost_key=_cost_key(targets, study),
                     chosen_trial=chosen_trial, study=study, notes=notes)

@@ -8,20 +8,22 @@ Spaces are declarative YAML files (``search_spaces/*.yaml`` ships ``default``, `
     methods:                 # layer kind -> methods to try besides keeping the layer
       linear: [svd]
       conv2d: [channel, tucker2]
-    cost_fraction: {low: 0.05, high: 0.9}
+    cost_fraction: {low: 0.05, high: 0.9, step: 0.05}
     round_to: 8              # rank multiple
     min_flops_share: 0.01    # smaller layers are kept
     skip: ["classifier", "re:.*attention.*"]
 
 Ranks are searched as a *cost fraction*: the replacement of a layer may cost that fraction of the
 original layer's FLOPs (parameters for layers without FLOPs). The same value means comparable
-compression on every layer, whatever its shape or method.
+compression on every layer, whatever its shape or method. Fractions move in ``step``s, so each
+layer has a bounded number of distinct ranks: every one is factorized (and timed) once, then reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ class SearchSpace:
     methods: Mapping[str, tuple[str, ...]]
     cost_fraction_low: float = 0.05
     cost_fraction_high: float = 0.9
+    cost_fraction_step: float = 0.05
     round_to: int = 1
     min_flops_share: float = 0.0
     skip: tuple[str, ...] = ()
@@ -115,12 +118,15 @@ class SearchSpace:
                 except UnknownMethodError as exc:
                     raise SearchSpaceError(f"{where}: key 'methods.{kind}': {exc}") from None
             methods[kind] = tuple(str(n).lower() for n in names)
-        fraction = data.get("cost_fraction", {"low": 0.05, "high": 0.9})
-        if not isinstance(fraction, Mapping) or set(fraction) - {"low", "high"}:
-            raise SearchSpaceError(f"{where}: key 'cost_fraction' must be {{low: ..., high: ...}}")
-        low, high = fraction.get("low", 0.05), fraction.get("high", 0.9)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not 0 < low < high <= 1:
+        fraction = data.get("cost_fraction", {})
+        if not isinstance(fraction, Mapping) or set(fraction) - {"low", "high", "step"}:
+            raise SearchSpaceError(f"{where}: key 'cost_fraction' must be {{low: ..., high: ..., step: ...}}")
+        low, high, step = fraction.get("low", 0.05), fraction.get("high", 0.9), fraction.get("step", 0.05)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high, step)) or not 0 < low < high <= 1:
             raise SearchSpaceError(f"{where}: key 'cost_fraction' needs 0 < low < high <= 1, got low={low!r}, high={high!r}")
+        if not 0 < step <= high - low:
+            raise SearchSpaceError(f"{where}: key 'cost_fraction.step' must be in (0, high - low], got {step!r}")
+        high = low + step * math.floor((high - low) / step + 1e-9)  # Optuna needs high on the grid
         round_to = data.get("round_to", 1)
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise SearchSpaceError(f"{where}: key 'round_to' must be a positive int, got {round_to!r}")
@@ -138,7 +144,8 @@ class SearchSpace:
                     raise SearchSpaceError(f"{where}: key 'skip': bad pattern {pattern!r} ({exc})") from None
         return cls(
             name=str(data.get("name", Path(source).stem)), methods=methods,
-            cost_fraction_low=float(low), cost_fraction_high=float(high), round_to=round_to,
+            cost_fraction_low=float(low), cost_fraction_high=round(float(high), 10), cost_fraction_step=float(step),
+            round_to=round_to,
             min_flops_share=float(share), skip=tuple(str(s) for s in skip),
             description=str(data.get("description", "")), source=source,
         )
@@ -148,7 +155,7 @@ class SearchSpace:
         """Short hash of the space's content (a resumed study must use the same space)."""
         content = {
             "methods": {k: list(v) for k, v in sorted(self.methods.items())},
-            "cost_fraction": [self.cost_fraction_low, self.cost_fraction_high],
+            "cost_fraction": [self.cost_fraction_low, self.cost_fraction_high, self.cost_fraction_step],
             "round_to": self.round_to, "min_flops_share": self.min_flops_share, "skip": list(self.skip),
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -192,6 +199,12 @@ class SearchSpace:
                         allowed.append(name)
             result.append(LayerCandidates(spec=spec, methods=tuple(allowed), notes=tuple(notes)))
         return result
+
+    def snap(self, cost_fraction: float) -> float:
+        """The nearest cost fraction on the space's grid."""
+        steps = round((cost_fraction - self.cost_fraction_low) / self.cost_fraction_step)
+        snapped = self.cost_fraction_low + self.cost_fraction_step * steps
+        return round(min(self.cost_fraction_high, max(self.cost_fraction_low, snapped)), 10)
 
     def rank_for(self, spec: LayerSpec, method_name: str, cost_fraction: float) -> Rank | None:
         """The rounded rank of ``method_name`` on ``spec`` whose cost is about ``cost_fraction`` of the layer.

@@ -95,7 +95,8 @@ class TrialRunner:
             method = trial.suggest_categorical(method_param, [KEEP, *cand.methods])
             if method == KEEP:
                 continue
-            fraction = trial.suggest_float(fraction_param, self.space.cost_fraction_low, self.space.cost_fraction_high)
+            fraction = trial.suggest_float(fraction_param, self.space.cost_fraction_low, self.space.cost_fraction_high,
+                                           step=self.space.cost_fraction_step)
             rank = self.space.rank_for(cand.spec, method, fraction)
             if rank is not None:
                 choices[cand.spec.name] = (method, rank)
@@ -124,13 +125,12 @@ class TrialRunner:
     def seed_params(self, seed: Seed) -> dict[str, Any]:
         """Optuna parameters that approximate a seed plan (the seed's exact ranks are used in the trial)."""
         params: dict[str, Any] = {}
-        low, high = self.space.cost_fraction_low, self.space.cost_fraction_high
         for cand in self.searchable:
             method_param, fraction_param = _param_names(cand.spec.name)
             method, rank = seed.choices.get(cand.spec.name, (KEEP, None))
             params[method_param] = method
             if method != KEEP:
-                params[fraction_param] = min(high, max(low, _relative_cost(cand.spec, method, rank)))
+                params[fraction_param] = self.space.snap(_relative_cost(cand.spec, method, rank))
         return params
 
     # -- one trial ------------------------------------------------------------------------------

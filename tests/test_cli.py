@@ -22,15 +22,16 @@ import torch
 import ranksearch
 from ranksearch.cli import build_parser, main
 from ranksearch.cost import count_flops
-from ranksearch.model_io import load_compressed
+from ranksearch.model_io import export_program, load_compressed, load_model
 from ranksearch.plan import CompressionPlan
 from tests import cli_factory
+from tests.models import SmallCNN, small_cnn_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("ranksearch")
 FACTORY = "tests.cli_factory:mlp"
 MODEL_ARGS = [FACTORY, "--input-shape", "4,32", "--target-flops", "0.5", "--search-space", "transformer",
-              "--eval-fn", "tests.cli_factory:agreement", "--no-progress"]
+              "--eval-fn", "tests.cli_factory:agreement", "--no-progress", "--threads", "1"]
 
 
 def _run(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
@@ -175,6 +176,30 @@ def test_a_trusted_pickled_model_loads(optimized, tmp_path, capsys) -> None:
         assert torch.allclose(model(x), expected(x), atol=1e-6)
 
 
+def test_export_programs_load_with_their_standard_layers_back(tmp_path) -> None:
+    model = SmallCNN().eval()  # strided, 1x1 and depthwise convs, batch norm, linear head
+    x = small_cnn_inputs()
+    export_program(model, (x,), tmp_path / "cnn.pt2")
+    loaded = load_model(tmp_path / "cnn.pt2")
+    original_specs = [spec.to_dict() for spec in ranksearch.capture_layer_specs(model, x)]
+    assert [spec.to_dict() for spec in ranksearch.capture_layer_specs(loaded, x)] == original_specs
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_apply_a_plan_to_an_export_program(optimized, tmp_path, capsys) -> None:
+    export_program(cli_factory.mlp(), (torch.randn(4, cli_factory.IN_FEATURES),), tmp_path / "mlp.pt2")
+    target = tmp_path / "small.pt2"
+    code, _, err = _main(["apply", str(optimized["out"] / "plan.json"), str(tmp_path / "mlp.pt2"),
+                          "--input-shape", "4,32", "--out", str(target)], capsys)
+    assert code == 0, err
+    plan = CompressionPlan.load(optimized["out"] / "plan.json")
+    expected = ranksearch.apply_plan(cli_factory.mlp(), plan).eval()
+    x = torch.randn(4, cli_factory.IN_FEATURES)
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(str(target)).module()(x), expected(x), atol=1e-5)
+
+
 def _corrupt_plan(tmp_path: Path) -> Path:
     path = tmp_path / "corrupt.json"
     path.write_text('{"layers": [{"name": "0", "method": "svd", "rank": ')
@@ -207,6 +232,11 @@ def _state_dict(tmp_path: Path) -> Path:
     (["apply", "{corrupt}", FACTORY, "--out", "{tmp}/m.pt"], 1, "is corrupt (not valid JSON"),
     (["apply", "{unknown}", FACTORY, "--out", "{tmp}/m.pt"], 1, "unknown decomposition method 'wavelet'"),
     (["apply", "{unknown}", FACTORY, "--out", "{tmp}/m.pt2"], 2, "needs example inputs"),
+    (["optimize", FACTORY, "--target-flops", "0.5", "--inputs", "x.pt", "--input-shape", "4,32"], 2,
+     "either --inputs or --input-shape"),
+    (["optimize", FACTORY, "--target-flops", "0.5", "--input-shape", "4,32", "--input-dtype", "int8"], 2,
+     "unknown dtype 'int8'"),
+    (["optimize", FACTORY, "--target-flops", "0.5", "--inputs", "{tmp}/none.pt"], 1, "does not exist"),
     (["report", "--out", "{tmp}"], 2, "give --plan FILE, or --storage URL"),
     (["report", "--storage", "{tmp}/none.db", "--study-name", "s", "--out", "{tmp}"], 1, "does not exist"),
     (["worker", FACTORY, "--target-flops", "0.5"], 2, "the following arguments are required: --storage"),

@@ -8,11 +8,12 @@ convs are decomposed group by group (B blocks per group).
 
 Fitting: alternating least squares. Each sweep solves jointly for all ``U_b``, then all ``V_b``
 (two small linear least-squares problems), then each core in turn given the others (block
-Gauss-Seidel); every step is an exact minimiser, so the error never increases. Greedy fitting of
-blocks on residuals (one ``partial_tucker`` per block) was not used: it cannot recover an exact
-block-term kernel, since the first block already absorbs parts of all the others. tensorly has
-no block-term decomposition, hence the ALS here. ALS has local minima, so a few starts (the
-leading singular vectors, then random ones) are run briefly and the best is continued.
+Gauss-Seidel); every step is an exact minimiser, so the error never increases. Every other sweep
+also tries an extrapolated step (line search). Greedy fitting of blocks on residuals (one
+``partial_tucker`` per block) was not used: it cannot recover an exact block-term kernel, since
+the first block already absorbs parts of all the others; tensorly has no block-term
+decomposition, hence the ALS here. ALS has local minima, so several starts (the leading singular
+vectors, then random ones) are run briefly and the best are continued.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .base import (
     DecompositionMethod, LayerCost, Rank, conv_dims, copy_bias, factor_cache, make_conv, register,
 )
 from .tucker2 import (
-    _pointwise_then_kernel_supported, check_rank_tuple, input_positions, kernel_by_group, unfolding_bases,
+    check_rank_tuple, decline_reason, input_positions, kernel_by_group, unfolding_bases,
 )
 
 __all__ = ["BlockTermDecomposition"]
@@ -38,86 +39,136 @@ log = logging.getLogger("ranksearch.decompose.btd")
 
 #: blocks used by ``rank_from_scale`` (fewer when the layer has fewer channels per group)
 DEFAULT_BLOCKS = 4
-#: starts run for _PROBE_ITERATIONS sweeps each before the best is continued. Measured on 30 random
-#: exactly block-term kernels per shape ((6,4,3x3) at (4,1,1); (12,8,3x3) at (4,1,2); (24,16,3x3) at
-#: (4,2,3); (64,64,3x3) at (4,8,8)): a single start from the singular vectors fails to recover
-#: 1-15 of 30; these four starts fail none. Kernels whose blocks fill both channel spaces exactly
-#: (B*r1 = C and B*r2 = N) remain hard: about half are not recovered.
+#: Each start runs _PROBE_ITERATIONS sweeps; the best continues up to _MAX_ITERATIONS in all, and
+#: if it stalls (a local minimum) the next best continues too; the best fit is kept. Measured with
+#: float64 kernels, 30 random exactly block-term kernels per case, output error < 1e-4 (the
+#: kernel shapes are N x C x 3x3): 6x4 at (4,1,1), 12x8 at (4,1,2), 12x8 at (2,2,3) and 64x64 at
+#: (4,8,8) are all recovered; 24x16 at (4,2,3) misses 3 of 30. Blocks that fill both channel
+#: spaces exactly (12x8 at (4,2,3): B*r1 = C, B*r2 = N) are the hardest: 6 of 30 missed. Over 200
+#: seeds of each of the shared suite's cases (float32) at most 2 are missed.
 _STARTS = 4
 _PROBE_ITERATIONS = 30
 _MAX_ITERATIONS = 500
 _TOL = 1e-10  # change of the relative error between sweeps that counts as converged
+_GOOD_ENOUGH = 1e-6  # close to the float32 rounding of the weights themselves: stop
+#: a run also stops when its last _STALL_WINDOW sweeps improved the error by less than
+#: _STALL_FRACTION of itself: on real kernels ALS creeps for hundreds of sweeps for a gain of ~1%
+_STALL_WINDOW = 10
+_STALL_FRACTION = 1e-3
 
-Blocks = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]  # (U_b, G_b, V_b)
-
-
-def _reconstruct_block(u: torch.Tensor, core: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ni,ijs,cj->ncs", u, core, v)
+#: the blocks, batched: U (B, N, r2), cores (B, r2, r1, S), V (B, C, r1)
+Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _solve_rows(target: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
-    """The least-squares ``X`` of ``X @ design = target`` (``gelsd``: fine when rank-deficient)."""
-    return torch.linalg.lstsq(design.T, target.T, driver="gelsd").solution.T
+    """The least-squares ``X`` of ``X @ design = target``, by the normal equations.
+
+    A tiny ridge keeps them solvable when blocks overlap (rank-deficient design); measured ~10x
+    faster than an SVD-based ``lstsq`` here, which dominated a sweep.
+    """
+    gram = design @ design.T
+    ridge = 1e-12 * float(gram.diagonal().mean()) + 1e-300
+    gram.diagonal().add_(ridge)
+    return torch.linalg.solve(gram, design @ target.T).T
 
 
 class _BlockTermALS:
-    """ALS for ``W (N, C, S) ~ sum_b U_b G_b V_b`` (Tucker-2 blocks along N and C)."""
+    """ALS for ``W (N, C, S) ~ sum_b U_b G_b V_b^T`` (Tucker-2 blocks along N and C).
+
+    Only the U / V updates and one projection of ``W`` per sweep touch the full kernel; the core
+    updates and the error use the small Gram matrices ``U_b^T U_k`` and ``V_k^T V_b``. All blocks
+    are held batched, so a sweep is a fixed handful of tensor operations.
+    """
 
     def __init__(self, kernel: torch.Tensor, blocks: int, r1: int, r2: int) -> None:
         self.kernel, self.blocks, self.r1, self.r2 = kernel, blocks, r1, r2
-        self.norm = float(kernel.norm())
+        self.norm_squared = float(kernel.square().sum())
 
     def start(self, index: int, singular: tuple[torch.Tensor, torch.Tensor]) -> Blocks:
         """Start 0 takes consecutive leading singular vectors per block; the others are random."""
         n, c, _ = self.kernel.shape
+        blocks, r1, r2 = self.blocks, self.r1, self.r2
         if index == 0:
             u_all, v_all = singular
-            us = [u_all[:, [(b * self.r2 + i) % u_all.shape[1] for i in range(self.r2)]] for b in range(self.blocks)]
-            vs = [v_all[:, [(b * self.r1 + i) % v_all.shape[1] for i in range(self.r1)]] for b in range(self.blocks)]
+            u = u_all[:, torch.arange(blocks * r2) % u_all.shape[1]]
+            v = v_all[:, torch.arange(blocks * r1) % v_all.shape[1]]
+            u, v = u.reshape(n, blocks, r2).transpose(0, 1), v.reshape(c, blocks, r1).transpose(0, 1)
         else:
             gen = torch.Generator().manual_seed(index)
+            u = torch.linalg.qr(torch.randn(blocks, n, r2, generator=gen, dtype=self.kernel.dtype))[0]
+            v = torch.linalg.qr(torch.randn(blocks, c, r1, generator=gen, dtype=self.kernel.dtype))[0]
+        return u, self._projections(u, v), v
 
-            def draw(rows: int, cols: int) -> torch.Tensor:
-                return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=self.kernel.dtype))[0]
+    def _projections(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``U_b^T W V_b`` for every block, ``(B, r2, r1, S)``."""
+        return torch.einsum("bics,bcj->bijs", torch.einsum("bni,ncs->bics", u, self.kernel), v)
 
-            us = [draw(n, self.r2) for _ in range(self.blocks)]
-            vs = [draw(c, self.r1) for _ in range(self.blocks)]
-        cores = [torch.einsum("ni,ncs,cj->ijs", u, self.kernel, v) for u, v in zip(us, vs)]
-        return us, cores, vs
+    @staticmethod
+    def _grams(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``UU[b, k] = U_b^T U_k`` (B, B, r2, r2) and ``VV[k, b] = V_k^T V_b`` (B, B, r1, r1)."""
+        return torch.einsum("bni,kna->bkia", u, u), torch.einsum("kcj,bcd->kbjd", v, v)
 
-    def sweep(self, state: Blocks) -> tuple[Blocks, float]:
-        us, cores, vs = state
+    def error(self, state: Blocks) -> float:
+        """Relative error ``|W - sum_b U_b G_b V_b^T| / |W|``, from Gram matrices."""
+        u, cores, v = state
+        uu, vv = self._grams(u, v)
+        fit = float((self._projections(u, v) * cores).sum())
+        seen = torch.einsum("bkia,kajs,kbjd->bids", uu, cores, vv)  # every block through b's bases
+        model = float((seen * cores).sum())
+        return math.sqrt(max(0.0, self.norm_squared - 2 * fit + model) / self.norm_squared)
+
+    def sweep(self, state: Blocks) -> Blocks:
+        u, cores, v = state
         n, c, _ = self.kernel.shape
+        blocks, r1, r2 = self.blocks, self.r1, self.r2
         # all U_b at once: W_(0) (N, C*S) = [U_1 .. U_B] @ M
-        m = torch.cat([torch.einsum("ijs,cj->ics", g, v).reshape(self.r2, -1) for g, v in zip(cores, vs)])
-        us = list(_solve_rows(self.kernel.reshape(n, -1), m).split(self.r2, dim=1))
+        m = torch.einsum("bijs,bcj->bics", cores, v).reshape(blocks * r2, -1)
+        u = _solve_rows(self.kernel.reshape(n, -1), m).reshape(n, blocks, r2).transpose(0, 1)
         # all V_b at once: W_(1) (C, N*S) = [V_1 .. V_B] @ P
-        p = torch.cat([torch.einsum("ni,ijs->jns", u, g).reshape(self.r1, -1) for u, g in zip(us, cores)])
-        vs = list(_solve_rows(self.kernel.transpose(0, 1).reshape(c, -1), p).split(self.r1, dim=1))
+        p = torch.einsum("bni,bijs->bjns", u, cores).reshape(blocks * r1, -1)
+        v = _solve_rows(self.kernel.transpose(0, 1).reshape(c, -1), p).reshape(c, blocks, r1).transpose(0, 1)
         # orthonormal U_b, V_b (the triangular parts move into the cores): keeps the scale in the
-        # cores and makes the core update a projection
-        cores = list(cores)
-        for b in range(self.blocks):
-            us[b], ru = torch.linalg.qr(us[b])
-            vs[b], rv = torch.linalg.qr(vs[b])
-            cores[b] = torch.einsum("ai,ijs,bj->abs", ru, cores[b], rv)
-        parts = [_reconstruct_block(u, g, v) for u, g, v in zip(us, cores, vs)]
-        total = sum(parts)
-        for b in range(self.blocks):  # each core given the others
-            residual = self.kernel - (total - parts[b])
-            cores[b] = torch.einsum("ni,ncs,cj->ijs", us[b], residual, vs[b])
-            new = _reconstruct_block(us[b], cores[b], vs[b])
-            total, parts[b] = total - parts[b] + new, new
-        return (us, cores, vs), float((self.kernel - total).norm()) / self.norm
+        # cores and makes each core update a projection
+        u, ru = torch.linalg.qr(u)
+        v, rv = torch.linalg.qr(v)
+        cores = torch.einsum("bai,bijs,bcj->bacs", ru, cores, rv)
+        projections = self._projections(u, v)
+        uu, vv = self._grams(u, v)
+        for b in range(blocks):  # each core given the others (block Gauss-Seidel)
+            seen = torch.einsum("kia,kajs,kjd->ids", uu[b], cores, vv[:, b])  # includes block b itself
+            cores[b] = projections[b] - (seen - cores[b])
+        return u, cores, v
 
-    def run(self, state: Blocks, iterations: int) -> tuple[Blocks, list[float]]:
-        errors: list[float] = []
-        for _ in range(iterations):
-            state, error = self.sweep(state)
+    def run(self, state: Blocks, sweeps: int, errors: list[float] | None = None) -> tuple[Blocks, list[float], str]:
+        """Up to ``sweeps`` more sweeps; returns the state, all errors and why it stopped.
+
+        Every other sweep also tries an extrapolated step along the last update (the line search
+        tensorly's ``parafac`` uses, Bro 1998) and keeps it when it lowers the error: it cuts the
+        sweeps needed where plain ALS crawls.
+        """
+        errors = list(errors or [])
+        power, failures = 2.0, 0
+        for _ in range(sweeps):
+            new_state = self.sweep(state)
+            error = self.error(new_state)
+            k = len(errors)
+            if k > 5 and k % 2 == 0:
+                jump = k ** (1.0 / power)
+                trial = tuple(new + jump * (new - old) for new, old in zip(new_state, state))
+                trial_error = self.error(trial)  # type: ignore[arg-type]
+                if trial_error < error:
+                    new_state, error, failures = trial, trial_error, 0  # type: ignore[assignment]
+                else:
+                    failures += 1
+                    if failures == 4:  # the jump is too bold: make it smaller
+                        power, failures = power + 1.0, 0
+            state = new_state
             errors.append(error)
-            if len(errors) >= 2 and abs(errors[-2] - errors[-1]) < _TOL:
-                break
-        return state, errors
+            if error < _GOOD_ENOUGH or (len(errors) >= 2 and abs(errors[-2] - errors[-1]) < _TOL):
+                return state, errors, "converged"
+            if len(errors) > _STALL_WINDOW and errors[-_STALL_WINDOW - 1] - error < _STALL_FRACTION * error:
+                return state, errors, "stalled"
+        return state, errors, "iteration limit"
 
 
 @register
@@ -130,7 +181,7 @@ class BlockTermDecomposition(DecompositionMethod):
     summary = "block-term: 1x1 C->B*r1, k x k grouped B*r1->B*r2, 1x1 B*r2->N (Wang & Cheng 2016)"
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
-        return _pointwise_then_kernel_supported(self.name, spec, super().unsupported_reason(spec))
+        return decline_reason(self.name, spec, super().unsupported_reason(spec))
 
     def rank_bounds(self, spec: LayerSpec) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """``((1, 1, 1), (min(C/G, N/G), r1_max, r2_max))`` with tucker2's per-block bounds."""
@@ -177,7 +228,7 @@ class BlockTermDecomposition(DecompositionMethod):
         )
 
     def factorize(self, layer: nn.Module, spec: LayerSpec, rank: tuple[int, int, int], group: int) -> Blocks:
-        """One group's blocks ``([U_b (N/G, r2)], [G_b (r2, r1, K)], [V_b (C/G, r1)])``, cached per rank."""
+        """One group's blocks ``(U (B, N/G, r2), cores (B, r2, r1, K), V (B, C/G, r1))``, cached per rank."""
 
         def compute() -> Blocks:
             blocks, r1, r2 = rank
@@ -185,32 +236,34 @@ class BlockTermDecomposition(DecompositionMethod):
             if kernel.norm() == 0:
                 n, c, k = kernel.shape
                 zeros = kernel.new_zeros
-                return ([zeros(n, r2)] * blocks, [zeros(r2, r1, k)] * blocks, [zeros(c, r1)] * blocks)
+                return zeros(blocks, n, r2), zeros(blocks, r2, r1, k), zeros(blocks, c, r1)
             als = _BlockTermALS(kernel, blocks, r1, r2)
             singular = unfolding_bases(layer, spec, group)
             probes = [als.run(als.start(i, singular), _PROBE_ITERATIONS) for i in range(_STARTS)]
-            best = min(range(_STARTS), key=lambda i: probes[i][1][-1])
-            state, errors = probes[best]
-            if not (len(errors) >= 2 and abs(errors[-2] - errors[-1]) < _TOL):
-                state, more = als.run(state, _MAX_ITERATIONS - len(errors))
-                errors = errors + more
-            log.debug("btd %s group %d rank %s: start %d, relative error %.3g after %d sweeps",
-                      spec.name, group, rank, best, errors[-1], len(errors))
+            best: tuple[Blocks, list[float], str, int] | None = None
+            for i in sorted(range(_STARTS), key=lambda i: probes[i][1][-1]):
+                state, errors, status = probes[i]
+                if status == "iteration limit":
+                    state, errors, status = als.run(state, _MAX_ITERATIONS - len(errors), errors)
+                if best is None or errors[-1] < best[1][-1]:
+                    best = (state, errors, status, i)
+                if status != "stalled":  # converged, or still improving when the budget ran out
+                    break
+            assert best is not None
+            state, errors, status, start = best
+            log.debug("btd %s group %d rank %s: start %d, relative error %.3g after %d sweeps (%s)",
+                      spec.name, group, rank, start, errors[-1], len(errors), status)
             return state
 
         return factor_cache.get(layer.weight, ("btd", group, rank), compute)
 
     def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
         blocks, r1, r2 = rank  # type: ignore[misc]
-        us, cores, vs = [], [], []
-        for g in range(spec.groups):
-            group_us, group_cores, group_vs = self.factorize(layer, spec, (blocks, r1, r2), g)
-            us.append(torch.cat(group_us, dim=1))  # (N/G, B*r2): the last conv sums the blocks
-            cores.extend(group_cores)
-            vs.extend(v.T for v in group_vs)
+        us, cores, vs = zip(*(self.factorize(layer, spec, (blocks, r1, r2), g) for g in range(spec.groups)))
         first, middle, last = replacement[0], replacement[1], replacement[2]  # type: ignore[index]
-        first.weight.copy_(torch.cat(vs).reshape(first.weight.shape))
+        # rows of the first conv: group-major, then block, then r1
+        first.weight.copy_(torch.cat([v.transpose(1, 2).reshape(blocks * r1, -1) for v in vs]).reshape_as(first.weight))
         middle.weight.copy_(torch.cat(cores).reshape(middle.weight.shape))
-        last.weight.copy_(torch.cat(us).reshape(last.weight.shape))
+        # the last conv sums the blocks: (N/G, B*r2) per group
+        last.weight.copy_(torch.cat([u.transpose(0, 1).reshape(u.shape[1], -1) for u in us]).reshape_as(last.weight))
         copy_bias(last, layer)
-

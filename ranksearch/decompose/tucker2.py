@@ -101,7 +101,7 @@ def unfolding_bases(layer: nn.Module, spec: LayerSpec, group: int) -> tuple[torc
     return u_out, u_in
 
 
-def _pointwise_then_kernel_supported(name: str, spec: LayerSpec, base_reason: str | None) -> str | None:
+def decline_reason(name: str, spec: LayerSpec, base_reason: str | None) -> str | None:
     """The reasons ``tucker2``, ``cp`` and ``btd`` share for declining a conv."""
     if base_reason is not None:
         return base_reason
@@ -125,7 +125,7 @@ class Tucker2Decomposition(DecompositionMethod):
     summary = "Tucker-2: 1x1 C->r1, k x k r1->r2, 1x1 r2->N (Kim et al. 2015); rank (r_in, r_out)"
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
-        return _pointwise_then_kernel_supported(self.name, spec, super().unsupported_reason(spec))
+        return decline_reason(self.name, spec, super().unsupported_reason(spec))
 
     def rank_bounds(self, spec: LayerSpec) -> tuple[tuple[int, int], tuple[int, int]]:
         """``((1, 1), (r1_max, r2_max))``; the largest rank reproduces the layer exactly.
@@ -179,7 +179,9 @@ class Tucker2Decomposition(DecompositionMethod):
         """``[mode-1 unfolding (G, C/G, N/G*K) for r1, mode-0 unfolding (G, N/G, C/G*K) for r2]``."""
         return list(self.unfoldings(kernel_by_group(layer, spec)))
 
-    def factorize(self, layer: nn.Module, spec: LayerSpec, rank: tuple[int, int], group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def factorize(
+        self, layer: nn.Module, spec: LayerSpec, rank: tuple[int, int], group: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(core (r2, r1, K), U_out (N/G, r2), U_in (C/G, r1))`` of one group, cached per rank."""
 
         def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
