@@ -267,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _session(args: argparse.Namespace) -> Iterator[None]:
     """Logging, warnings and threads as the options ask, restored afterwards (main() may run in-process)."""
+    import matplotlib
     import optuna
 
+    matplotlib.use("Agg")  # figures are written to files; never open a window
     verbosity = getattr(args, "verbose", 0) or 0
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)

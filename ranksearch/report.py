@@ -42,7 +42,6 @@ _COST_LABELS = {
     "flops": "FLOPs (multiply-adds)",
     "params": "parameters",
 }
-_TARGET_KEYS = {"latency_ms": "latency_ms", "flops": "flops", "params": "params"}
 
 
 # --- per-layer table ----------------------------------------------------------------------------
@@ -462,7 +461,7 @@ def _pareto_figure(fig: _Figures) -> Any | None:
         )
         figure = ax.figure
         plt.close(figure)  # detached from pyplot: nothing is shown, the figure stays drawable
-        target = fig.targets.get(_TARGET_KEYS[fig.cost_key])
+        target = fig.targets.get(fig.cost_key)  # targets use the same keys
         if target is not None:
             ax.axvline(target, color="#d62728", linestyle="--", linewidth=1.2, label="target")
         if fig.cost_key == "latency_ms":

@@ -110,6 +110,7 @@ def optimize(
     device: str | torch.device | None = None,
     seed: int | None = None,
     latency_fn: LatencyFn | None = None,
+    threads: int | None = None,
     show_progress_bar: bool = True,
     latency_check_every: int = 10,
     latency_tolerance: float = 0.05,
@@ -136,6 +137,8 @@ def optimize(
         device: where latency is measured and the search runs (default: where the model is).
         seed: makes sampling reproducible.
         latency_fn: ``latency_fn(model, example_inputs) -> ms`` for devices reached some other way.
+        threads: torch threads latency is measured with (default: ``torch.get_num_threads()``); use the
+            count the model will run with.
         show_progress_bar: show trials done, best feasible score and its latency.
         latency_check_every: measure the whole model every this many evaluated trials to check and
             calibrate the latency prediction (0: never, except the final answer).
@@ -179,7 +182,7 @@ def optimize(
         )
 
     def measure(m: nn.Module) -> Any:
-        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn)
+        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads)
 
     batches = calibration_batches(inputs, calib_data)
     batches = [_move(b, torch_device) for b in batches]
@@ -219,7 +222,8 @@ def optimize(
 
     predictor = None
     if targets.latency_ms is not None:
-        table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device, latency_fn=latency_fn)
+        table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device,
+                             latency_fn=latency_fn, threads=threads)
         table.prepare({c.spec.name: c.methods for c in searchable})
         predictor = LatencyPredictor(table, baseline.latency_ms)
 
