@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("ranksearch.cli")
 
@@ -82,7 +82,7 @@ def _positive_float(text: str) -> float:
 def _budget(text: str) -> float | int:
     """A FLOP / parameter budget: a fraction in (0, 1] of the original, or an absolute count above 1."""
     value = _positive_float(text)
-    return value if value <= 1 else int(round(value))
+    return value if value <= 1 else round(value)
 
 
 def _positive_int(text: str) -> int:

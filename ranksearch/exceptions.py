@@ -51,11 +51,12 @@ class InvalidTargetError(RankSearchError, ValueError):
 class TargetUnreachableError(RankSearchError):
     """No plan found meets the budget; carries the best achievable plan and cost."""
 
-    def __init__(self, message: str, *, best_plan=None, best_latency_ms=None, best_flops=None) -> None:
+    def __init__(self, message: str, *, best_plan=None, best_latency_ms=None, best_flops=None, study=None) -> None:
         super().__init__(message)
         self.best_plan = best_plan
         self.best_latency_ms = best_latency_ms
         self.best_flops = best_flops
+        self.study = study  # the Optuna study, when a search ran
 
 
 class EvaluationError(RankSearchError):

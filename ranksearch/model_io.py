@@ -37,17 +37,17 @@ from .rebuild import apply_plan
 
 __all__ = [
     "BUNDLE_FORMAT",
-    "resolve_callable",
-    "load_model",
-    "load_inputs",
-    "load_calibration",
-    "random_inputs",
-    "parse_shape",
-    "parse_dtype",
     "atomic_torch_save",
-    "save_compressed",
-    "load_compressed",
     "export_program",
+    "load_calibration",
+    "load_compressed",
+    "load_inputs",
+    "load_model",
+    "parse_dtype",
+    "parse_shape",
+    "random_inputs",
+    "resolve_callable",
+    "save_compressed",
     "standard_layers",
 ]
 

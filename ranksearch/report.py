@@ -186,6 +186,8 @@ def _gather(result: SearchResult | None, plan: CompressionPlan | None, study: An
         baseline: Mapping[str, Any] | None = result.baseline.to_dict()
         final, final_measured = result.final.to_dict(), True
         targets = dict(result.targets) or targets
+        if result.message:
+            notes.append(result.message)
     else:
         baseline = meta.get("baseline") or study_attrs.get("baseline")
     if plan is None and study is not None:
@@ -299,12 +301,12 @@ def _study_lines(fig: _Figures) -> list[str]:
     complete = _complete(study)
     seeds = sum("seed" in t.user_attrs for t in trials)
     measured = [t for t in complete if "measured_latency_ms" in t.user_attrs and "predicted_latency_ms" in t.user_attrs]
+    front = len([t for t in study.best_trials if _feasible(t)]) if complete else 0
     lines = [
-        f"- trials: {len(trials)} ({states[optuna.trial.TrialState.COMPLETE]} evaluated, "
-        f"{states[optuna.trial.TrialState.PRUNED]} over budget by their predicted cost and not evaluated, "
-        f"{states[optuna.trial.TrialState.FAIL]} failed); {seeds} seeded from rank heuristics",
-        f"- feasible evaluated trials: {sum(_feasible(t) for t in complete)}; Pareto-optimal: "
-        f"{len([t for t in study.best_trials if _feasible(t)]) if complete else 0}",
+        (f"- trials: {len(trials)} ({states[optuna.trial.TrialState.COMPLETE]} evaluated, "
+         f"{states[optuna.trial.TrialState.PRUNED]} over budget by their predicted cost and not evaluated, "
+         f"{states[optuna.trial.TrialState.FAIL]} failed); {seeds} seeded from rank heuristics"),
+        f"- feasible evaluated trials: {sum(_feasible(t) for t in complete)}; Pareto-optimal: {front}",
     ]
     evals = sorted(t.user_attrs["time_eval_s"] for t in complete if "time_eval_s" in t.user_attrs)
     if evals:
@@ -333,10 +335,13 @@ def _markdown(fig: _Figures, rows: list[LayerRow], figures: Mapping[str, str]) -
         out += _comparison(fig)
         spread = (fig.baseline or {}).get("latency_spread")
         if isinstance(spread, (int, float)):
-            out += ["", f"Latency is the median of timed runs on the search's device; the original's spread "
-                        f"(IQR / median) was {spread:.1%}."]
+            out += ["", (f"Latency is the median of timed runs on the search's device; the original's spread "
+                         f"(IQR / median) was {spread:.1%}.")]
     error = fig.plan.metadata.get("latency_prediction_error") if fig.plan is not None else None
-    if error:
+    if isinstance(error, Mapping) and {"checks", "median_rel_error", "worst_rel_error"} <= set(error):
+        out += ["", (f"Predicted latency against {error['checks']} full-model measurements during the search: "
+                     f"median error {error['median_rel_error']:.1%}, worst {error['worst_rel_error']:.1%}.")]
+    elif error:
         out += ["", f"Latency prediction error over full-model checks: `{error}`."]
     out += ["", "## Layers", ""]
     if rows:

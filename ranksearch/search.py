@@ -115,6 +115,7 @@ def optimize(
     latency_check_every: int = 10,
     latency_tolerance: float = 0.05,
     vbmf_weakening: float | None = None,
+    sensitivity: bool = True,
 ) -> SearchResult:
     """Find the per-layer decomposition plan that meets the budget with the best quality.
 
@@ -144,6 +145,9 @@ def optimize(
             calibrate the latency prediction (0: never, except the final answer).
         latency_tolerance: relative measurement tolerance when verifying the final latency.
         vbmf_weakening: also seed a weakened-VBMF plan keeping this fraction of what VBMF discards.
+        sensitivity: before the trials, score each layer compressed alone at a few levels and seed the
+            plans that spend the budget where it costs the least quality (``ranksearch.sensitivity``).
+            Costs a few evaluations per layer; worth it unless evaluations are very expensive.
 
     Returns:
         A :class:`~ranksearch.result.SearchResult` (``model``, ``plan``, ``study``, ``baseline``, ``final``,
@@ -233,7 +237,7 @@ def optimize(
         latency_check_every=latency_check_every,
     )
     if not study.trials:
-        for seed_plan in search.seeds(vbmf_weakening):
+        for seed_plan in search.seeds(weakening=vbmf_weakening, sensitivity=sensitivity):
             choices = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in seed_plan.choices.items()}
             study.enqueue_trial(search.seed_params(seed_plan), user_attrs={"seed": seed_plan.origin, "seed_choices": choices})
 
@@ -334,5 +338,5 @@ def _finish(
     raise TargetUnreachableError(
         f"no plan met the budget {json.dumps(targets.as_dict())} in {len(trials)} trials{achievable}; relax the "
         "target, run more trials, or widen the search space",
-        best_plan=best_plan, best_latency_ms=best_ms,
+        best_plan=best_plan, best_latency_ms=best_ms, study=study,
     )

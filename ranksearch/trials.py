@@ -113,10 +113,14 @@ class TrialRunner:
     def feasible(self, choices: dict[str, tuple[str, Any]]) -> bool:
         return all(v <= 0 for v in self.violations(choices).values())
 
-    def seeds(self, weakening: float | None) -> list[Seed]:
-        """Heuristic seeds, then budget-fitted ones, without duplicates."""
+    def seeds(self, *, weakening: float | None, sensitivity: bool) -> list[Seed]:
+        """Heuristic seeds, budget-fitted ones, then (optionally) sensitivity-allocated ones, without duplicates."""
+        from .sensitivity import sensitivity_seeds  # imports this module's TrialRunner for typing
+
         found = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
         found += fitted_seeds(self.reference, self.searchable, self.space, self.feasible)
+        if sensitivity:
+            found += sensitivity_seeds(self)
         unique: dict[str, Seed] = {}
         for seed in found:
             unique.setdefault(json.dumps(sorted((k, m, str(r)) for k, (m, r) in seed.choices.items())), seed)

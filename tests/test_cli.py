@@ -37,7 +37,8 @@ MODEL_ARGS = [FACTORY, "--input-shape", "4,32", "--target-flops", "0.5", "--sear
 def _run(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the installed script (or ``python -m ranksearch``) from the repository root."""
     command = [sys.executable, "-m", "ranksearch"] if module or not SCRIPT.exists() else [str(SCRIPT)]
-    return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -166,7 +167,7 @@ def test_apply_a_plan_to_a_state_dict_and_export_it(optimized, tmp_path, capsys)
 def test_a_trusted_pickled_model_loads(optimized, tmp_path, capsys) -> None:
     pickled = tmp_path / "model.pt"
     torch.save(cli_factory.mlp(), pickled)
-    code, out, err = _main(["apply", str(optimized["out"] / "plan.json"), str(pickled), "--trust-model-file",
+    code, _, err = _main(["apply", str(optimized["out"] / "plan.json"), str(pickled), "--trust-model-file",
                             "--out", str(tmp_path / "small.pt")], capsys)
     assert code == 0, err
     model = load_compressed(tmp_path / "small.pt", factory=FACTORY)
