@@ -23,7 +23,7 @@ from ranksearch.exceptions import (
     StorageError, StudyMismatchError, TargetUnreachableError, UnknownMethodError,
 )
 
-FAST = dict(n_trials=4, seed=0, show_progress_bar=False, latency_check_every=0)
+FAST = dict(n_trials=4, seed=0, show_progress_bar=False, latency_check_every=0, sensitivity=False)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_interrupted_search_keeps_completed_trials_and_resumes(tmp_path) -> None
         return 1.0
 
     kwargs = dict(target_flops=0.9, storage=storage, study_name="resume", seed=0, show_progress_bar=False,
-                  latency_check_every=0)
+                  latency_check_every=0, sensitivity=False)
     with pytest.raises(KeyboardInterrupt):
         ranksearch.optimize(model, torch.randn(2, 16), eval_fn=eval_fn, n_trials=8, **kwargs)
     _assert_untouched(model, state, training=True)
