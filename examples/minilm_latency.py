@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         model, example, target_latency_ms=target, eval_fn=fidelity, n_trials=args.trials,
         search_space="transformer", seed=args.seed,
     )
-    print(f"\nsearch: {len(result.study.trials)} trials in {time.perf_counter() - started:.0f} s\n")
+    finished = sum(t.state.is_finished() for t in result.study.trials)
+    print(f"\nsearch: {finished} trials in {time.perf_counter() - started:.0f} s\n")
     print(result.summary())
 
     held = embed(result.model, held_inputs)

@@ -432,8 +432,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     _open_study(args.storage, args.study_name)  # a worker joins; it does not start a study
     result, _ = _run_optimize(args)
-    trials = result.study.get_trials(deepcopy=False)
-    print(f"study {result.study.study_name!r} has {len(trials)} trials; best feasible: trial "
+    finished = [t for t in result.study.get_trials(deepcopy=False) if t.state.is_finished()]
+    print(f"study {result.study.study_name!r} has {len(finished)} finished trials; best feasible: trial "
           f"{result.plan.metadata.get('trial')} with quality {result.final.score:.4f}")
     return 0
 

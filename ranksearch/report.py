@@ -296,8 +296,9 @@ def _study_lines(fig: _Figures) -> list[str]:
     import optuna
 
     study = fig.study
-    trials = study.get_trials(deepcopy=False)
-    states = {state: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
+    every = study.get_trials(deepcopy=False)
+    trials = [t for t in every if t.state.is_finished()]
+    states = {state: sum(t.state == state for t in every) for state in optuna.trial.TrialState}
     complete = _complete(study)
     seeds = sum("seed" in t.user_attrs for t in trials)
     measured = [t for t in complete if "measured_latency_ms" in t.user_attrs and "predicted_latency_ms" in t.user_attrs]
@@ -308,6 +309,10 @@ def _study_lines(fig: _Figures) -> list[str]:
          f"{states[optuna.trial.TrialState.FAIL]} failed); {seeds} seeded from rank heuristics"),
         f"- feasible evaluated trials: {sum(_feasible(t) for t in complete)}; Pareto-optimal: {front}",
     ]
+    waiting = states[optuna.trial.TrialState.WAITING] + states[optuna.trial.TrialState.RUNNING]
+    if waiting:
+        lines.append(f"- {waiting} more queued or running (e.g. seed plans beyond the trial count; a resumed "
+                     "search or a worker runs them first)")
     evals = sorted(t.user_attrs["time_eval_s"] for t in complete if "time_eval_s" in t.user_attrs)
     if evals:
         lines.append(f"- median evaluation time per trial: {evals[len(evals) // 2]:.3f} s")
@@ -339,7 +344,8 @@ def _markdown(fig: _Figures, rows: list[LayerRow], figures: Mapping[str, str]) -
                          f"(IQR / median) was {spread:.1%}.")]
     error = fig.plan.metadata.get("latency_prediction_error") if fig.plan is not None else None
     if isinstance(error, Mapping) and {"checks", "median_rel_error", "worst_rel_error"} <= set(error):
-        out += ["", (f"Predicted latency against {error['checks']} full-model measurements during the search: "
+        checks = f"{error['checks']} full-model measurement{'s' if error['checks'] != 1 else ''}"
+        out += ["", (f"Predicted latency against {checks} during the search: "
                      f"median error {error['median_rel_error']:.1%}, worst {error['worst_rel_error']:.1%}.")]
     elif error:
         out += ["", f"Latency prediction error over full-model checks: `{error}`."]
@@ -415,7 +421,7 @@ def _history_figure(fig: _Figures) -> Any | None:
     import optuna
     from matplotlib.ticker import MaxNLocator
 
-    trials = fig.study.get_trials(deepcopy=False)
+    trials = [t for t in fig.study.get_trials(deepcopy=False) if t.state.is_finished()]
     scored = sorted((t for t in _complete(fig.study) if _feasible(t)), key=lambda t: t.number)
     if not scored:
         return None

@@ -237,7 +237,7 @@ def optimize(
         latency_check_every=latency_check_every,
     )
     if not study.trials:
-        for seed_plan in search.seeds(weakening=vbmf_weakening, sensitivity=sensitivity):
+        for seed_plan in search.seeds(weakening=vbmf_weakening, sensitivity=sensitivity)[:n_trials]:
             choices = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in seed_plan.choices.items()}
             study.enqueue_trial(search.seed_params(seed_plan), user_attrs={"seed": seed_plan.origin, "seed_choices": choices})
 

@@ -117,10 +117,14 @@ class TrialRunner:
         """Heuristic seeds, budget-fitted ones, then (optionally) sensitivity-allocated ones, without duplicates."""
         from .sensitivity import sensitivity_seeds  # imports this module's TrialRunner for typing
 
-        found = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
-        found += fitted_seeds(self.reference, self.searchable, self.space, self.feasible)
-        if sensitivity:
-            found += sensitivity_seeds(self)
+        heuristic = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
+        fitted = fitted_seeds(self.reference, self.searchable, self.space, self.feasible)
+        allocated = sensitivity_seeds(self) if sensitivity else []
+        # most promising first, so a small trial budget still runs them: the VBMF plan (the classic
+        # one-shot answer), plans fitted to the budget, then the fixed energy thresholds
+        vbmf = [s for s in heuristic if s.origin.startswith("seed:vbmf")]
+        energy = [s for s in heuristic if not s.origin.startswith("seed:vbmf")]
+        found = vbmf + allocated + fitted + energy
         unique: dict[str, Seed] = {}
         for seed in found:
             unique.setdefault(json.dumps(sorted((k, m, str(r)) for k, (m, r) in seed.choices.items())), seed)

@@ -46,7 +46,8 @@ def test_report_from_a_result_has_the_comparison_the_layers_and_three_figures(re
     for choice in result.plan.replaced:
         assert f"| `{choice.name}` |" in text
     assert f"Plan from trial {result.plan.metadata['trial']}." in text
-    assert "## Search" in text and f"- trials: {len(result.study.trials)} (" in text
+    finished = [t for t in result.study.trials if t.state.is_finished()]
+    assert "## Search" in text and f"- trials: {len(finished)} (" in text
     for name in ("pareto.png", "layers.png", "history.png"):
         assert f"]({name})" in text
         width, height = _png_size(tmp_path / name)

@@ -90,10 +90,19 @@ def test_infeasible_trials_are_recorded_not_evaluated(digits_mlp) -> None:
 def test_latency_target_is_met_when_measured_again() -> None:
     model, data = _train_mlp(1024, epochs=20)  # wide layers: compute dominates, compression pays clearly
     x = data.x_test[:64]
-    base_ms = min(measure_latency(model, x).ms for _ in range(3))  # the least disturbed of three
-    target = 0.7 * base_ms
-    result = ranksearch.optimize(model, x, target_latency_ms=target, n_trials=12, seed=0,
-                                 show_progress_bar=False, latency_check_every=4)
+    # Timings on a shared machine can jump between the test's measurement and the search's; a jump
+    # shows up as "already meets" or "unreachable". Up to three tries, each with a fresh target.
+    for _attempt in range(3):
+        base_ms = min(measure_latency(model, x).ms for _ in range(3))  # the least disturbed of three
+        target = 0.7 * base_ms
+        try:
+            result = ranksearch.optimize(model, x, target_latency_ms=target, n_trials=12, seed=0,
+                                         show_progress_bar=False, latency_check_every=4)
+        except ranksearch.TargetUnreachableError:
+            continue
+        if len(result.plan):
+            break
+    assert len(result.plan), "the search never got a target the original missed"
     assert result.final.latency_ms <= target * 1.05
     assert result.prediction_error is not None and result.prediction_error["checks"] >= 1
     assert all(c.origin.startswith(("seed:", "trial:")) for c in result.plan.replaced)
