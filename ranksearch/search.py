@@ -141,8 +141,8 @@ def optimize(
         threads: torch threads latency is measured with (default: ``torch.get_num_threads()``); use the
             count the model will run with.
         show_progress_bar: show trials done, best feasible score and its latency.
-        latency_check_every: measure the whole model every this many evaluated trials to check and
-            calibrate the latency prediction (0: never, except the final answer).
+        latency_check_every: measure the whole model on the first three evaluated trials and then every
+            this many, to check and calibrate the latency prediction (0: never, except the final answer).
         latency_tolerance: relative measurement tolerance when verifying the final latency.
         vbmf_weakening: also seed a weakened-VBMF plan keeping this fraction of what VBMF discards.
         sensitivity: before the trials, score each layer compressed alone at a few levels and seed the
@@ -286,9 +286,14 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
 
 def _finish(
     study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats,
-    measure: Callable[[nn.Module], Any], tolerance: float, max_verifications: int = 5,
+    measure: Callable[[nn.Module], Any], tolerance: float, max_verifications: int = 10,
 ) -> SearchResult:
-    """Pick the best feasible plan whose measured latency really meets the target."""
+    """Pick the best feasible plan whose measured latency really meets the target.
+
+    Candidates are tried best quality first. Each measurement also calibrates the latency predictor,
+    so after a miss the remaining candidates are re-predicted and those now predicted to miss are
+    skipped without being measured.
+    """
     trials = study.trials
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     if failed and not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
@@ -297,9 +302,16 @@ def _finish(
             f"every trial failed to evaluate ({len(failed)} failed, the others broke the budget): "
             f"{'; '.join(sorted(reasons))[:500]}; fix eval_fn so it returns a finite number for any model"
         )
-    ranked = best_feasible(trials)
+    remaining = best_feasible(trials)
     checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
-    for trial in ranked[:max_verifications]:
+    while remaining and len(checked) < max_verifications:
+        if search.predictor is not None and checked and targets.latency_ms is not None:
+            limit = targets.latency_ms * (1 + tolerance)
+            remaining = [t for t in remaining
+                         if search.predictor.predict(plan_of(t, search.fingerprint)) <= limit]
+            if not remaining:
+                break
+        trial = remaining.pop(0)
         plan = plan_of(trial, search.fingerprint)
         model = apply_plan(search.reference, plan).eval()
         measured = measure(model)

@@ -194,12 +194,18 @@ class TrialRunner:
         trial.set_user_attr("time_rebuild_s", t1 - t0)
         trial.set_user_attr("time_eval_s", t2 - t1)
         self.evaluated += 1
-        if self.predictor is not None and self.latency_check_every and self.evaluated % self.latency_check_every == 0:
+        if self.predictor is not None and self._check_due():
             measured = self.measure(model).ms
             self.predictor.record(plan, measured)
             trial.set_user_attr("measured_latency_ms", measured)
         cost = predicted if predicted is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
         return score, float(cost)
+
+    def _check_due(self) -> bool:
+        """Whether this evaluated trial gets a full-model latency check: the first three (so the
+        predictor is calibrated early, when it matters most), then every ``latency_check_every``."""
+        every = self.latency_check_every
+        return bool(every) and (self.evaluated <= 3 or self.evaluated % every == 0)
 
     def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
         if self.eval_fn is not None:

@@ -1,0 +1,905 @@
+"""ranksearch against the baselines and peers, side by side, on real trained models, on this CPU.
+
+    python benchmarks/compare.py            # full run (CNN + MiniLM, 3 targets x 2 batch sizes)
+    python benchmarks/compare.py --quick    # a few minutes: the CNN only, one target, fewer trials
+
+For each model, each latency batch size and each target (measured latency 0.7x, 0.5x, 0.35x of
+the original), every method builds a compressed model:
+
+* **ranksearch** - ``ranksearch.optimize`` with a fixed trial budget and seed, scoring plans on a
+  validation split (``eval_fn``);
+* **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
+  bisected until the measured latency just meets the target;
+* **vbmf** - the VBMF plan (Kim et al. 2016), as it comes: no knob, the same plan at every target;
+* **energy** - the energy-threshold plan, ``tau`` bisected to the target;
+* **aimet-greedy** - AIMET's greedy per-layer ratio selection with spatial SVD (``baselines.py``),
+  its quality level bisected to the target;
+* **tltorch-<factorization>** - tensorly-torch's factorized layers at one parameter ratio for
+  every layer, the ratio bisected to the target.
+
+Every method touches the same layers (the search space's candidates). Knobs are tuned on
+measured latency of the structure with random weights (latency does not depend on the values);
+the final model is built with real weights, timed interleaved with the original in this process
+(original, compressed, original, ... ratio of the medians, spread = range of the per-round
+ratios), scored on a test split no search or knob ever saw, fine-tuned the same short way as
+every other row, and scored again. All timings: one thread, thread CPU time (steady on a shared
+machine; see benchmarks/bench_cost_models.py), through ``ranksearch.cost.measure_latency``.
+
+Writes benchmarks/RESULTS.md and benchmarks/results/quality_vs_latency.png and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import ranksearch  # noqa: E402
+from ranksearch import SearchSpace  # noqa: E402
+from ranksearch.cost import count_flops, count_params, measure_latency  # noqa: E402
+from ranksearch.space import LayerCandidates  # noqa: E402
+
+from baselines import (  # noqa: E402
+    Choices, GreedyAnalysis, choices_key, greedy_choices, greedy_layer_scores, heuristic_choices, make_plan,
+    timing_model, tltorch_model, uniform_choices,
+)
+from models import Task, cnn_task, minilm_task  # noqa: E402
+
+RESULTS_MD = HERE / "RESULTS.md"
+FIGURE = HERE / "results" / "quality_vs_latency.png"
+#: a row meets a target when its measured latency ratio is at most target x (1 + this)
+TOLERANCE = 0.03
+TARGETS = (0.7, 0.5, 0.35)
+FAMILIES = ("tucker2", "spatial", "svd")
+TLTORCH_FACTORIZATIONS = ("tucker", "cp")
+TLTORCH_RATIOS = (0.02, 1.0)  # the parameter-ratio range the tltorch knob is bisected in
+
+log = logging.getLogger("benchmarks.compare")
+
+
+def say(message: str) -> None:
+    """Progress on stderr, with the elapsed time."""
+    print(f"[{time.perf_counter() - _START:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+
+_START = time.perf_counter()
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def cpu_latency_ms(model: nn.Module, example_inputs: Any, min_run_time: float = 0.05) -> float:
+    """One thread, thread CPU time: the clock every timing in this benchmark uses (also handed to
+    ``optimize`` as ``latency_fn``, so that the search is timed the same way as everything else)."""
+    return measure_latency(model, example_inputs, threads=1, clock="cpu", min_run_time=min_run_time,
+                           max_attempts=1).ms
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of a model relative to the original, from interleaved measurements."""
+
+    ratio: float
+    low: float
+    high: float
+    original_ms: float
+
+
+def interleaved(original: nn.Module, compressed: nn.Module, inputs: tuple[torch.Tensor, ...], *, rounds: int,
+                min_run_time: float) -> Latency:
+    """Original and compressed timed alternately ``rounds`` times; ratio of the medians.
+
+    Alternating cancels the machine's drift (other work on the shared CPU) out of the ratio.
+    """
+    base, comp, per_round = [], [], []
+    for _ in range(rounds):
+        a = cpu_latency_ms(original, inputs, min_run_time)
+        b = cpu_latency_ms(compressed, inputs, min_run_time)
+        base.append(a)
+        comp.append(b)
+        per_round.append(b / a)
+    return Latency(statistics.median(comp) / statistics.median(base), min(per_round), max(per_round),
+                   statistics.median(base))
+
+
+# --- search space ------------------------------------------------------------------------------
+
+
+def benchmark_space(name: str) -> tuple[SearchSpace, list[str]]:
+    """The shipped space ``name`` restricted to the registered methods, and the methods dropped.
+
+    A shipped space names every family; while one is not registered yet (e.g. during
+    development) the benchmark still runs, and the report says what was left out.
+    """
+    text = resources.files("ranksearch.search_spaces").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    registered = set(ranksearch.methods())
+    missing = sorted({m for methods in data["methods"].values() for m in methods if m not in registered})
+    data["methods"] = {kind: [m for m in methods if m in registered] for kind, methods in data["methods"].items()}
+    data["methods"] = {kind: methods for kind, methods in data["methods"].items() if methods}
+    return SearchSpace.from_dict(data, source=name), missing
+
+
+# --- knobs -------------------------------------------------------------------------------------
+
+
+class Knob:
+    """A baseline's one knob, tuned so that the plan's measured latency just meets a target.
+
+    ``make(value)`` gives the plan for a knob value; cost grows with the value. Measured latency
+    ratios are remembered per plan, so bisections for several targets share their measurements.
+    """
+
+    def __init__(self, name: str, make: Callable[[float], Any], key: Callable[[Any], str],
+                 measure: Callable[[Any], float], low: float, high: float, steps: int) -> None:
+        self.name, self.make, self.key, self.measure = name, make, key, measure
+        self.low, self.high, self.steps = low, high, steps
+        self.memo: dict[str, float] = {}
+        self.points: list[tuple[float, float]] = []
+        self.measurements = 0
+
+    def ratio(self, value: float) -> float:
+        plan = self.make(value)
+        key = self.key(plan)
+        if key not in self.memo:
+            self.memo[key] = self.measure(plan)
+            self.measurements += 1
+        self.points.append((value, self.memo[key]))
+        return self.memo[key]
+
+    def largest_meeting(self, target: float) -> tuple[float, bool]:
+        """The largest knob value whose plan meets ``target``, and whether any does (else the lowest)."""
+        if self.ratio(self.high) <= target:
+            return self.high, True
+        if self.ratio(self.low) > target:
+            return self.low, False
+        lo = max(v for v, r in self.points if r <= target)
+        hi = min((v for v, r in self.points if r > target and v > lo), default=self.high)
+        for _ in range(self.steps):
+            mid = (lo + hi) / 2
+            if self.ratio(mid) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo, True
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quality:
+    """Scores of one plan (the same whatever the batch size it was timed at)."""
+
+    val: float
+    test: dict[str, float]
+    test_ft: dict[str, float]
+    build_s: float = 0.0
+
+
+@dataclass
+class Tunable:
+    """A baseline with a knob: build its real model, or its structure for timing, at a knob value."""
+
+    knob: Knob
+    label: str
+    build: Callable[[float], nn.Module]
+    timing: Callable[[float], nn.Module]
+
+
+@dataclass
+class Row:
+    """One method at one target: what the tables show."""
+
+    model: str
+    batch: str
+    target: float
+    method: str
+    latency: Latency | None = None
+    flops: float = math.nan
+    params: float = math.nan
+    quality: Quality | None = None
+    compress_s: float = math.nan
+    note: str = ""
+    knob: str = ""
+
+    @property
+    def meets(self) -> bool:
+        return self.latency is not None and self.latency.ratio <= self.target * (1 + TOLERANCE)
+
+    def headline(self, after_ft: bool = False) -> float:
+        if self.quality is None:
+            return math.nan
+        scores = self.quality.test_ft if after_ft else self.quality.test
+        return next(iter(scores.values()), math.nan)
+
+
+@dataclass
+class SearchStats:
+    """How a ranksearch run spent its trials."""
+
+    model: str
+    batch: str
+    target: float
+    trials: int = 0
+    seeds: int = 0
+    evaluated: int = 0
+    pruned: int = 0
+    failed: int = 0
+    rebuild_s: float = math.nan
+    cost_s: float = math.nan
+    eval_s: float = math.nan
+    other_s: float = math.nan
+    total_s: float = math.nan
+    best_origin: str = ""
+    best_val: float = math.nan
+    trials_to_match: int | None = None
+    best_baseline: str = ""
+    best_baseline_val: float = math.nan
+    prediction: str = ""
+    evaluated_sampled: int = 0
+    predicted_ratio: float = math.nan
+    measured_ratio: float = math.nan
+    running_best: list[float] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Setting:
+    """One model at one latency batch size."""
+
+    task: Task
+    batch: str
+    inputs: tuple[torch.Tensor, ...]
+    candidates: list[LayerCandidates]
+    base_ms: float
+    base_flops: int
+    base_params: int
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.rows: list[Row] = []
+        self.stats: list[SearchStats] = []
+        self.sections: list[str] = []
+        self.notes: dict[str, list[str]] = {}
+        self.original_spreads: list[float] = []
+        self.titles: dict[str, str] = {}
+        self.originals: dict[str, tuple[float, dict[str, float]]] = {}
+        self.rounds = 3 if args.quick else 5
+        self.final_run_time = 0.05 if args.quick else 0.1
+        self.knob_run_time = 0.05
+        self.knob_steps = 5 if args.quick else 6
+
+    # -- measuring a finished model -------------------------------------------------------------
+
+    def figures(self, setting: Setting, model: nn.Module, row: Row) -> None:
+        row.latency = interleaved(setting.task.model, model, setting.inputs, rounds=self.rounds,
+                                  min_run_time=self.final_run_time)
+        self.original_spreads.append((row.latency.high - row.latency.low) / max(row.latency.ratio, 1e-9))
+        try:
+            row.flops = count_flops(model, setting.inputs) / setting.base_flops
+        except Exception as exc:  # fvcore may not trace a third-party layer; the table says so
+            row.note = _join(row.note, f"FLOPs not countable ({type(exc).__name__})")
+        row.params = count_params(model) / setting.base_params
+
+    def quality(self, task: Task, model: nn.Module) -> Quality:
+        val = task.val_score(model)
+        test = task.test_scores(model)
+        tuned = copy.deepcopy(model)
+        torch.manual_seed(self.args.seed)
+        task.fine_tune(tuned)
+        return Quality(val, test, task.test_scores(tuned))
+
+    # -- one model ------------------------------------------------------------------------------
+
+    def run_task(self, task: Task) -> None:
+        space, missing = benchmark_space(task.space)
+        notes = list(task.notes)
+        notes.append(f"search space: shipped `{task.space}`" + (
+            f", without {', '.join(missing)} (not registered in this checkout: `ranksearch.methods()` = "
+            f"{', '.join(ranksearch.methods())})" if missing else ""))
+        self.notes[task.name] = notes
+        model = task.model
+        base_val = task.val_score(model)
+        base_test = task.test_scores(model)
+        say(f"{task.name}: original validation {base_val:.4f}, test {base_test}")
+        self.titles[task.name] = task.title
+        self.originals[task.name] = (base_val, base_test)
+        quality_memo: dict[str, Quality] = {}
+
+        specs0 = ranksearch.capture_layer_specs(model, next(iter(task.inputs.values())))
+        candidates0 = [c for c in space.candidates(specs0) if c.searchable]
+        notes.append(f"{len(candidates0)} candidate layers (the same for every method): "
+                     f"{', '.join(c.spec.name for c in candidates0[:4])}{', ...' if len(candidates0) > 4 else ''}")
+
+        greedy: GreedyAnalysis | None = None
+        if not self.args.skip_aimet:
+            say(f"{task.name}: AIMET per-layer analysis")
+            greedy = greedy_layer_scores(model, candidates0, space, task.analysis_score or task.val_score)
+            notes.append(f"AIMET per-layer analysis: {greedy.evaluations} evaluations in {greedy.seconds:.0f} s "
+                         "(once per model; included in every aimet-greedy row's compress time)")
+        probes = self.tltorch_probe(task, candidates0) if not self.args.skip_tltorch else {}
+
+        batches = list(task.inputs.items())
+        if self.args.batch1_only or self.quick:
+            batches = batches[:1]
+        for batch, inputs in batches:
+            specs = ranksearch.capture_layer_specs(model, inputs)
+            candidates = [c for c in space.candidates(specs) if c.searchable]
+            base_ms = cpu_latency_ms(model, inputs, 0.2)
+            setting = Setting(task, batch, inputs, candidates, base_ms, count_flops(model, inputs), count_params(model))
+            say(f"{task.name} {batch}: original {base_ms:.2f} ms")
+            self.run_setting(setting, space, greedy, probes, quality_memo)
+
+    # -- one model, one batch size --------------------------------------------------------------
+
+    def baselines(self, setting: Setting, space: SearchSpace, greedy: GreedyAnalysis | None,
+                  probes: dict[str, dict[str, Any]]) -> list[Tunable]:
+        """Every tunable baseline of this setting."""
+        model, inputs = setting.task.model, setting.inputs
+        run_time, steps = self.knob_run_time, self.knob_steps
+
+        def measure(timed: nn.Module) -> float:
+            return interleaved(model, timed, inputs, rounds=2, min_run_time=run_time).ratio
+
+        def from_choices(name: str, make: Callable[[float], Choices], low: float, high: float, n: int,
+                         label: str) -> Tunable:
+            knob = Knob(name, make, choices_key, lambda c: measure(timing_model(model, c)), low, high, n)
+            return Tunable(
+                knob, label,
+                build=lambda v: ranksearch.apply_plan(model, make_plan(model, make(v), name)).eval(),
+                timing=lambda v: timing_model(model, make(v)),
+            )
+
+        out: list[Tunable] = []
+        for family in FAMILIES:
+            if not any(family in c.methods for c in setting.candidates):
+                self.absent[f"uniform-{family}"] = f"{family} applies to none of the candidate layers in this space"
+                continue
+
+            def uniform(value: float, family: str = family) -> Choices:
+                return uniform_choices(setting.candidates, space, family, value)
+            out.append(from_choices(f"uniform-{family}", uniform, space.cost_fraction_low,
+                                    space.cost_fraction_high, steps, "cost fraction"))
+
+        energy_cache: dict[float, Choices] = {}
+
+        def energy(value: float) -> Choices:
+            tau = round(value, 4)  # closer bisection points give the same ranks
+            if tau not in energy_cache:
+                energy_cache[tau] = heuristic_choices(model, setting.candidates, space, heuristic="energy", tau=tau)
+            return energy_cache[tau]
+        out.append(from_choices("energy", energy, 0.30, 0.999, steps + 1, "tau"))
+
+        if greedy is not None:
+            def aimet(value: float) -> Choices:
+                return greedy_choices(greedy, setting.candidates, space, value)
+            low, high = greedy.score_range
+            out.append(from_choices("aimet-greedy", aimet, low, high, steps + 1, "quality level"))
+
+        names = [c.spec.name for c in setting.candidates]
+        for factorization, probe in probes.items():
+            if probe.get("error"):
+                continue
+            implementation = probe["implementation"]
+
+            def tl(ratio: float, decompose: bool, factorization: str = factorization,
+                   implementation: str = implementation) -> nn.Module:
+                return tltorch_model(model, names, ratio, factorization=factorization, implementation=implementation,
+                                     decompose=decompose)
+            knob = Knob(f"tltorch-{factorization}", lambda v: round(v, 3), lambda v: f"{v:.3f}",
+                        lambda v, tl=tl: measure(tl(v, False)), TLTORCH_RATIOS[0], TLTORCH_RATIOS[1], max(3, steps - 1))
+            out.append(Tunable(knob, f"param ratio ({implementation})", build=lambda v, tl=tl: tl(v, True),
+                               timing=lambda v, tl=tl: tl(v, False)))
+        return out
+
+    def run_setting(self, setting: Setting, space: SearchSpace, greedy: GreedyAnalysis | None,
+                    probes: dict[str, dict[str, Any]], quality_memo: dict[str, Quality]) -> None:
+        task, model = setting.task, setting.task.model
+        self.absent: dict[str, str] = {}
+        tunables = self.baselines(setting, space, greedy, probes)
+        vbmf_choices: Choices | None = None
+        for target in self.args.targets:
+            rows: list[Row] = []
+            say(f"{task.name} {setting.batch} target {target}: ranksearch")
+            search_row, stats = self.ranksearch_row(setting, space, target, quality_memo)
+            rows.append(search_row)
+
+            for tunable in tunables:
+                name = tunable.knob.name
+                say(f"{task.name} {setting.batch} target {target}: {name}")
+                row = Row(task.name, setting.batch, target, name)
+                try:
+                    started = time.perf_counter()
+                    value, met = tunable.knob.largest_meeting(target)
+                    tuned_s = time.perf_counter() - started
+                    row.knob = f"{tunable.label} {value:.3g}"
+                    if not met:
+                        row.note = f"the fastest {tunable.label} missed the target while tuning"
+                    key = f"{name}:{tunable.knob.key(tunable.knob.make(value))}"
+                    compressed = self.evaluate(task, key, lambda t=tunable, v=value: t.build(v), quality_memo)
+                    if compressed is None:  # the plan of an earlier target: its structure times the same
+                        compressed = tunable.timing(value)
+                    row.quality = quality_memo[key]
+                    extra = greedy.seconds if name == "aimet-greedy" and greedy is not None else 0.0
+                    row.compress_s = tuned_s + row.quality.build_s + extra
+                    self.figures(setting, compressed, row)
+                except Exception as exc:  # one baseline failing must not sink the benchmark
+                    row.note = _join(row.note, f"failed: {type(exc).__name__}: {str(exc)[:160]}")
+                    log.debug("%s failed:\n%s", name, traceback.format_exc())
+                rows.append(row)
+
+            say(f"{task.name} {setting.batch} target {target}: vbmf")
+            row = Row(task.name, setting.batch, target, "vbmf")
+            try:
+                started = time.perf_counter()
+                if vbmf_choices is None:
+                    vbmf_choices = heuristic_choices(model, setting.candidates, space, heuristic="vbmf")
+                choices = vbmf_choices
+                heuristic_s = time.perf_counter() - started
+                key = f"vbmf:{choices_key(choices)}"
+                compressed = self.evaluate(task, key, lambda c=choices: ranksearch.apply_plan(
+                    model, make_plan(model, c, "vbmf")).eval(), quality_memo, extra_s=heuristic_s)
+                if compressed is None:
+                    compressed = timing_model(model, choices)
+                row.quality = quality_memo[key]
+                row.compress_s = row.quality.build_s
+                row.knob = f"{len(choices)} of {len(setting.candidates)} layers replaced"
+                self.figures(setting, compressed, row)
+            except Exception as exc:
+                row.note = _join(row.note, f"failed: {type(exc).__name__}: {str(exc)[:160]}")
+            rows.append(row)
+            for factorization, probe in probes.items():
+                if probe.get("error"):
+                    rows.append(Row(task.name, setting.batch, target, f"tltorch-{factorization}", note=probe["error"]))
+            for name, why in self.absent.items():
+                rows.append(Row(task.name, setting.batch, target, name, note=f"not run: {why}"))
+
+            if stats is not None:
+                self.search_efficiency(stats, rows)
+            self.rows += rows
+            self.print_rows(rows)
+
+    def evaluate(self, task: Task, key: str, build: Callable[[], nn.Module], memo: dict[str, Quality],
+                 extra_s: float = 0.0) -> nn.Module | None:
+        """Build and score a plan not seen before (``None`` if ``key`` was scored already: same plan,
+        same quality, whatever the batch size or target)."""
+        if key in memo:
+            return None
+        started = time.perf_counter()
+        compressed = build()
+        build_s = time.perf_counter() - started + extra_s
+        memo[key] = self.quality(task, compressed)
+        memo[key].build_s = build_s
+        return compressed
+
+    # -- ranksearch -----------------------------------------------------------------------------
+
+    def ranksearch_row(self, setting: Setting, space: SearchSpace, target: float,
+                       quality_memo: dict[str, Quality]) -> tuple[Row, SearchStats | None]:
+        task, model = setting.task, setting.task.model
+        row = Row(task.name, setting.batch, target, "ranksearch")
+        trials = self.args.trials or (20 if self.quick else (40 if task.name == "cnn" else 30))
+        base_ms = cpu_latency_ms(model, setting.inputs, 0.2)
+        stats = SearchStats(task.name, setting.batch, target)
+        records = _LogRecorder()
+        logging.getLogger("ranksearch").addHandler(records)
+        started = time.perf_counter()
+        try:
+            result = ranksearch.optimize(
+                model, setting.inputs, target_latency_ms=target * base_ms, eval_fn=task.val_score, n_trials=trials,
+                search_space=space, seed=self.args.seed, latency_fn=cpu_latency_ms, show_progress_bar=False,
+            )
+        except ranksearch.TargetUnreachableError as exc:
+            row.note = f"no plan met the target: {str(exc)[:240]}"
+            row.compress_s = time.perf_counter() - started
+            if exc.study is not None:
+                self.trial_stats(stats, exc.study, row.compress_s, base_ms, chosen=None)
+            stats.log = records.lines
+            return row, stats
+        except Exception as exc:
+            row.note = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log.debug("ranksearch failed:\n%s", traceback.format_exc())
+            return row, None
+        finally:
+            logging.getLogger("ranksearch").removeHandler(records)
+        row.compress_s = time.perf_counter() - started
+        stats.log = records.lines
+        plan_choices = {c.name: (c.method, c.rank) for c in result.plan.replaced}
+        key = f"ranksearch:{choices_key(plan_choices)}"
+        self.evaluate(task, key, lambda: result.model, quality_memo)
+        row.quality = quality_memo[key]
+        methods = sorted({m for m, _ in plan_choices.values()})
+        row.knob = f"{trials} trials; {len(plan_choices)} layers: {', '.join(methods)}"
+        self.figures(setting, result.model, row)
+        self.trial_stats(stats, result.study, row.compress_s, base_ms, chosen=result.plan.metadata.get("trial"))
+        if row.latency is not None:
+            stats.measured_ratio = row.latency.ratio
+        if result.prediction_error and result.prediction_error.get("checks"):
+            pe = result.prediction_error
+            stats.prediction = (f"{pe['checks']} checks: median {pe['median_rel_error']:.0%}, "
+                                f"worst {pe['worst_rel_error']:.0%}")
+        return row, stats
+
+    @staticmethod
+    def trial_stats(stats: SearchStats, study: Any, total_s: float, base_ms: float, chosen: Any) -> None:
+        """Where the trials' time went, and the running best feasible score."""
+        trials = study.trials
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        stats.total_s = total_s
+        stats.trials = len(trials)
+        stats.seeds = sum("seed" in t.user_attrs for t in trials)
+        stats.evaluated = len(done)
+        stats.evaluated_sampled = sum("seed" not in t.user_attrs for t in done)
+        stats.pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+        stats.failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
+        stats.cost_s = _mean([t.user_attrs.get("time_cost_s") for t in trials])
+        stats.rebuild_s = _mean([t.user_attrs.get("time_rebuild_s") for t in done])
+        stats.eval_s = _mean([t.user_attrs.get("time_eval_s") for t in done])
+        stats.other_s = total_s - sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+        if chosen is not None:
+            frozen = trials[int(chosen)]
+            stats.best_origin = frozen.user_attrs.get("seed", f"trial {chosen}")
+            stats.best_val = frozen.values[0]
+            predicted = frozen.user_attrs.get("predicted_latency_ms")
+            if predicted is not None:
+                stats.predicted_ratio = predicted / base_ms
+        best = -math.inf
+        for t in trials:
+            if t.state == optuna.trial.TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()):
+                best = max(best, t.values[0])
+            stats.running_best.append(best)
+
+    def search_efficiency(self, stats: SearchStats, rows: list[Row]) -> None:
+        """Against the best baseline that meets the target (by validation score, what the search sees)."""
+        baselines = [r for r in rows if r.method != "ranksearch" and r.meets and r.quality is not None]
+        if baselines:
+            best = max(baselines, key=lambda r: r.quality.val)  # type: ignore[union-attr]
+            stats.best_baseline, stats.best_baseline_val = best.method, best.quality.val  # type: ignore[union-attr]
+            stats.trials_to_match = next(
+                (i + 1 for i, v in enumerate(stats.running_best) if v >= stats.best_baseline_val - 1e-12), None)
+        self.stats.append(stats)
+
+    # -- tensorly-torch -------------------------------------------------------------------------
+
+    def tltorch_probe(self, task: Task, candidates: list[LayerCandidates]) -> dict[str, dict[str, Any]]:
+        """Per factorization: which implementation is faster on the largest layer, or why none can run.
+
+        Run in a child process with a time limit: a decomposition or a forward pass that takes
+        minutes (it happens, see RESULTS.md) cannot be interrupted from Python otherwise.
+        """
+        try:
+            import tltorch  # noqa: F401
+        except Exception as exc:
+            return {f: {"error": f"tensorly-torch does not import: {type(exc).__name__}: {exc}"} for f in TLTORCH_FACTORIZATIONS}
+        largest = max(candidates, key=lambda c: c.spec.flops)
+        layer = task.model.get_submodule(largest.spec.name)
+        spec = largest.spec
+        probes = {}
+        limit = 60 if self.quick else 120
+        for factorization in TLTORCH_FACTORIZATIONS:
+            say(f"{task.name}: tltorch {factorization} probe on {spec.name}")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "layer.pt"
+                torch.save({"layer": layer, "input_shape": spec.input_shape}, path)
+                try:
+                    out = subprocess.run(
+                        [sys.executable, "-c", _PROBE, str(path), factorization], capture_output=True, text=True,
+                        timeout=limit,
+                    )
+                except subprocess.TimeoutExpired:
+                    probes[factorization] = {"error": (
+                        f"not run: tltorch {factorization} on one layer ({spec.name}, {tuple(layer.weight.shape)}) did "
+                        f"not decompose and run a forward pass within {limit} s in a probe")}
+                    continue
+            if out.returncode != 0:
+                last = (out.stderr.strip().splitlines() or ["?"])[-1]
+                probes[factorization] = {"error": f"not run: tltorch {factorization} failed on {spec.name}: {last[:200]}"}
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result["implementation"] = min(result["forward_s"], key=result["forward_s"].get)
+            probes[factorization] = result
+            say(f"{task.name}: tltorch {factorization}: {result}")
+        return probes
+
+    # -- printing -------------------------------------------------------------------------------
+
+    def print_rows(self, rows: list[Row]) -> None:
+        print(_table_md(*self._row_table(rows)), flush=True)
+        print(flush=True)
+
+    def _row_table(self, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+        metrics = next((list(r.quality.test) for r in rows if r.quality is not None), ["test"])
+        header = (["target", "method", "latency ratio (range)", "meets", "FLOP ratio", "params ratio", "val"]
+                  + metrics + [f"{m} after FT" for m in metrics] + ["compress s", "knob / notes"])
+        body = []
+        for r in rows:
+            q = r.quality
+            lat = f"{r.latency.ratio:.2f} ({r.latency.low:.2f}-{r.latency.high:.2f})" if r.latency else "-"
+            body.append(
+                [f"{r.target:.2f}", f"**{r.method}**" if r.method == "ranksearch" else r.method, lat,
+                 ("yes" if r.meets else "**no**") if r.latency else "-", _fmt(r.flops), _fmt(r.params),
+                 _fmt(q.val if q else math.nan, 4)]
+                + [_fmt(q.test.get(m, math.nan) if q else math.nan, 4) for m in metrics]
+                + [_fmt(q.test_ft.get(m, math.nan) if q else math.nan, 4) for m in metrics]
+                + [_fmt(r.compress_s, 1), _join(r.knob, r.note)]
+            )
+        return header, body
+
+    # -- the report -----------------------------------------------------------------------------
+
+    def verdicts(self) -> list[str]:
+        lines = ["| model | batch | target | ranksearch: latency, test, after FT | best baseline meeting the target "
+                 "(by test, no FT) | ranksearch >= it? (no FT / after FT) |", "|---|---|---|---|---|---|"]
+        for key in _ordered_settings(self.rows):
+            rows = [r for r in self.rows if (r.model, r.batch, r.target) == key]
+            rs = next((r for r in rows if r.method == "ranksearch"), None)
+            others = [r for r in rows if r.method != "ranksearch" and r.meets and r.quality is not None]
+            if rs is None or rs.quality is None:
+                lines.append(f"| {key[0]} | {key[1]} | {key[2]:.2f} | {rs.note[:80] if rs else 'missing'} | | **no** |")
+                continue
+            best = max(others, key=lambda r: r.headline()) if others else None
+            best_ft = max(others, key=lambda r: r.headline(True)) if others else None
+            rs_text = (f"{rs.latency.ratio:.2f}{'' if rs.meets else ' (misses)'}, {rs.headline():.4f}, "
+                       f"{rs.headline(True):.4f}") if rs.latency else "-"
+            if best is None:
+                lines.append(f"| {key[0]} | {key[1]} | {key[2]:.2f} | {rs_text} | none meets it | "
+                             f"{'yes' if rs.meets else '**no** (misses the target)'} |")
+                continue
+            ok = rs.meets and rs.headline() >= best.headline()
+            ok_ft = rs.meets and rs.headline(True) >= best_ft.headline(True)  # type: ignore[union-attr]
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]:.2f} | {rs_text} | {best.method}: {best.latency.ratio:.2f}, "  # type: ignore[union-attr]
+                f"{best.headline():.4f} (after FT best: {best_ft.method} {best_ft.headline(True):.4f}) | "  # type: ignore[union-attr]
+                f"{'yes' if ok else '**no**'} / {'yes' if ok_ft else '**no**'} |")
+        return lines
+
+    def efficiency_table(self) -> list[str]:
+        lines = ["| model | batch | target | trials: seeds / evaluated (sampled) / pruned / failed | per evaluated "
+                 "trial: rebuild / cost / eval s | outside trials s | total s | plan from | its val | latency "
+                 "ratio predicted / measured | best baseline (val) | trials to match it | prediction checks |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in self.stats:
+            lines.append(
+                f"| {s.model} | {s.batch} | {s.target:.2f} | {s.trials}: {s.seeds} / {s.evaluated} "
+                f"({s.evaluated_sampled}) / {s.pruned} / {s.failed} | {_fmt(s.rebuild_s, 3)} / {_fmt(s.cost_s, 3)} / "
+                f"{_fmt(s.eval_s, 3)} | {_fmt(s.other_s, 0)} | {_fmt(s.total_s, 0)} | {s.best_origin or '-'} | "
+                f"{_fmt(s.best_val, 4)} | {_fmt(s.predicted_ratio)} / {_fmt(s.measured_ratio)} | "
+                f"{s.best_baseline or '-'} ({_fmt(s.best_baseline_val, 4)}) | "
+                f"{s.trials_to_match if s.trials_to_match is not None else 'not reached'} | {s.prediction or '-'} |")
+        logged = [(s, line) for s in self.stats for line in s.log]
+        if logged:
+            lines += ["", "What ranksearch logged (INFO) during each run:", ""]
+            lines += [f"- {s.model} {s.batch} {s.target:.2f}: {line}" for s, line in logged]
+        return lines
+
+    def write(self, elapsed: float) -> str:
+        figure = plot(self.rows, FIGURE)
+        spreads = sorted((r.latency.high - r.latency.low) / r.latency.ratio for r in self.rows if r.latency)
+        mode = "quick" if self.quick else "full"
+        out = [
+            "# ranksearch vs baselines and peers",
+            "",
+            f"Written by `python benchmarks/compare.py{' --quick' if self.quick else ''}` ({mode} mode, "
+            f"{elapsed / 60:.1f} min on {os.cpu_count()} cores, torch {torch.__version__}, ranksearch "
+            f"{ranksearch.__version__}, seed {self.args.seed}).",
+            "",
+            "How to read it: every method compresses the same candidate layers to just meet a measured latency "
+            "target (a ratio of the original's latency on this CPU, one thread, thread CPU time). "
+            "*latency ratio*: compressed / original, timed alternately in the same process "
+            f"({self.rounds} rounds, ratio of the medians; in brackets the range of the per-round ratios). "
+            f"*meets*: latency ratio <= target x {1 + TOLERANCE:.2f}. *val*: the validation score the search and "
+            "the knobs see; test columns use a split nothing was tuned on. *after FT*: the same short fine-tune "
+            "for every row. *compress s*: wall time to build the plan and the model (knob tuning included; "
+            "ranksearch's includes measuring the original, the per-layer latency table - built for the first "
+            "target of each batch size, read from its disk cache afterwards - the trials and the final "
+            "verification).",
+            "",
+            f"Spread of the final latency ratios (range of the per-round ratios / ratio), over {len(spreads)} rows: "
+            + (f"median {statistics.median(spreads):.1%}, 90th percentile {spreads[int(0.9 * (len(spreads) - 1))]:.1%}, "
+               f"worst {spreads[-1]:.1%}." if spreads else "none."),
+            "",
+            "## Verdict: is ranksearch at least as good as the best baseline, at equal or lower latency?",
+            "",
+            *self.verdicts(),
+            "",
+        ]
+        if figure:
+            out += [f"![quality vs measured latency ratio]({figure.relative_to(HERE).as_posix()})", ""]
+        for name, notes in self.notes.items():
+            base_val, base_test = self.originals[name]
+            out += [f"## {self.titles[name]}", "", *[f"- {n}" for n in notes],
+                    f"- original: validation {base_val:.4f}, test " + ", ".join(f"{k} {v:.4f}" for k, v in base_test.items()),
+                    ""]
+            for batch in dict.fromkeys(r.batch for r in self.rows if r.model == name):
+                rows = [r for r in self.rows if r.model == name and r.batch == batch]
+                out += [f"### {name}, {batch}", "", _table_md(*self._row_table(rows)), ""]
+        out += ["## Search efficiency", "",
+                "Per ranksearch run: trials, where their time went (trial user attributes time_rebuild_s, "
+                "time_cost_s, time_eval_s; cost = analytic costs + predicted latency, for every trial), the origin "
+                "of the plan returned, and how many trials it took until the best feasible validation score so far "
+                "matched the best baseline's validation score (baselines that meet the target on measurement). "
+                "Seeds (VBMF, energy, budget-fitted uniform/energy plans) are the first trials.", "",
+                *self.efficiency_table(), ""]
+        text = "\n".join(out)
+        RESULTS_MD.write_text(text, encoding="utf-8")
+        return text
+
+
+# --- the tltorch probe (runs in a child process) -----------------------------------------------
+
+_PROBE = textwrap.dedent("""
+    import json, sys, time, warnings
+    warnings.filterwarnings("ignore")
+    import torch, tltorch
+    saved = torch.load(sys.argv[1], weights_only=False)
+    layer, shape, factorization = saved["layer"].eval(), saved["input_shape"], sys.argv[2]
+    x = torch.randn(*shape)
+    torch.set_num_threads(1)
+    out = {"forward_s": {}}
+    for implementation in ("factorized", "reconstructed"):
+        started = time.perf_counter()
+        if isinstance(layer, torch.nn.Conv2d):
+            new = tltorch.FactorizedConv.from_conv(layer, rank=0.25, factorization=factorization,
+                                                   implementation=implementation)
+        else:
+            new = tltorch.FactorizedLinear.from_linear(layer, rank=0.25, factorization=factorization,
+                                                       implementation=implementation)
+        out.setdefault("decompose_s", time.perf_counter() - started)
+        with torch.no_grad():
+            new.eval()(x)
+            started = time.perf_counter()
+            new(x)
+            out["forward_s"][implementation] = time.perf_counter() - started
+    with torch.no_grad():
+        layer(x)
+        started = time.perf_counter()
+        layer(x)
+        out["original_forward_s"] = time.perf_counter() - started
+    print(json.dumps(out))
+""")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+class _LogRecorder(logging.Handler):
+    """Keeps ranksearch's INFO messages during one search (sensitivity analysis time, retries...)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.INFO:
+            self.lines.append(f"{record.name}: {record.getMessage()}")
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean(values: Sequence[Any]) -> float:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return statistics.fmean(numbers) if numbers else math.nan
+
+
+def _table_md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ordered_settings(rows: list[Row]) -> list[tuple[str, str, float]]:
+    return list(dict.fromkeys((r.model, r.batch, r.target) for r in rows))
+
+
+def plot(rows: list[Row], path: Path) -> Path | None:
+    """Quality (test, no fine-tune: filled; after fine-tune: hollow) vs measured latency ratio."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r.model, r.batch) for r in rows))
+    if not panels:
+        return None
+    methods = list(dict.fromkeys(r.method for r in rows))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (model, batch) in zip(axes[0], panels):
+        here = [r for r in rows if (r.model, r.batch) == (model, batch) and r.latency and r.quality]
+        for method in methods:
+            points = sorted((r.latency.ratio, r.headline(), r.headline(True)) for r in here if r.method == method)  # type: ignore[union-attr]
+            if not points:
+                continue
+            xs, ys, ys_ft = zip(*points)
+            style = {"lw": 2.2, "zorder": 5} if method == "ranksearch" else {"lw": 1.0}
+            ax.plot(xs, ys, "o-", color=colours[method], label=method, **style)
+            ax.plot(xs, ys_ft, "o--", color=colours[method], mfc="none", lw=0.8)
+        for target in dict.fromkeys(r.target for r in rows if (r.model, r.batch) == (model, batch)):
+            ax.axvline(target, color="grey", ls=":", lw=0.8)
+        metric = next((next(iter(r.quality.test)) for r in here if r.quality), "quality")
+        ax.set(title=f"{model}, {batch}", xlabel="measured latency ratio (compressed / original)",
+               ylabel=f"test {metric}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Quality vs measured latency (filled: no fine-tune; hollow, dashed: after the same short fine-tune)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the CNN only, batch 1, target 0.5, 20 trials (a few minutes)")
+    parser.add_argument("--models", default=None, help="comma-separated: cnn,minilm (default: both; quick: cnn)")
+    parser.add_argument("--targets", default=None, help="comma-separated latency ratios (default 0.7,0.5,0.35; quick 0.5)")
+    parser.add_argument("--trials", type=int, default=None, help="ranksearch trials (default 60 CNN / 40 MiniLM; quick 20)")
+    parser.add_argument("--batch1-only", action="store_true", help="time batch 1 only (skip the server batch)")
+    parser.add_argument("--skip-aimet", action="store_true")
+    parser.add_argument("--skip-tltorch", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    args.targets = tuple(float(t) for t in args.targets.split(",")) if args.targets else ((0.5,) if args.quick else TARGETS)
+    models = args.models.split(",") if args.models else (["cnn"] if args.quick else ["cnn", "minilm"])
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.getLogger("ranksearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # for _LogRecorder
+    warnings.filterwarnings("ignore", category=UserWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.manual_seed(args.seed)
+
+    bench = Benchmark(args)
+    started = time.perf_counter()
+    # a fresh latency-table cache for this run: ranksearch's compress time includes building it once
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["RANKSEARCH_CACHE_DIR"] = cache
+        for name in models:
+            bench.run_task(cnn_task(log=say) if name == "cnn" else minilm_task(log=say))
+    text = bench.write(time.perf_counter() - started)
+    print(text)
+    say(f"wrote {RESULTS_MD} and {FIGURE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
