@@ -229,7 +229,8 @@ def optimize(
         table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device,
                              latency_fn=latency_fn, threads=threads)
         table.prepare({c.spec.name: c.methods for c in searchable})
-        predictor = LatencyPredictor(table, baseline.latency_ms)
+        # one check's worth of prior: the table is often off by a consistent factor, learn it fast
+        predictor = LatencyPredictor(table, baseline.latency_ms, prior_checks=1.0)
 
     search = TrialRunner(
         reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
@@ -237,6 +238,7 @@ def optimize(
         latency_check_every=latency_check_every,
     )
     if not study.trials:
+        search.calibrate_latency()
         for seed_plan in search.seeds(weakening=vbmf_weakening, sensitivity=sensitivity)[:n_trials]:
             choices = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in seed_plan.choices.items()}
             study.enqueue_trial(search.seed_params(seed_plan), user_attrs={"seed": seed_plan.origin, "seed_choices": choices})

@@ -25,7 +25,7 @@ from .quality import FidelityScorer, checked_score
 from .result import ModelStats
 from .space import LayerCandidates, SearchSpace
 from .targets import Targets
-from .warmstart import Seed, fitted_seeds, heuristic_seeds
+from .warmstart import Seed, fitted_seeds, heuristic_seeds, seed_method
 from .workbench import ModelWorkbench, plan_cost
 
 __all__ = ["TrialRunner"]
@@ -200,6 +200,31 @@ class TrialRunner:
             trial.set_user_attr("measured_latency_ms", measured)
         cost = predicted if predicted is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
         return score, float(cost)
+
+    def calibrate_latency(self, fractions: tuple[float, ...] = (0.3, 0.6)) -> None:
+        """Measure a few whole-model plans before the first trial and teach the predictor from them.
+
+        Layers timed alone miss what happens inside the model (caches, memory traffic), so the
+        per-layer table can be off by tens of percent; a couple of real measurements across the
+        compression range correct most of it before seeds are fitted to the budget.
+        """
+        if self.predictor is None:
+            return
+        for fraction in fractions:
+            choices: dict[str, tuple[str, Any]] = {}
+            for cand in self.searchable:
+                method = seed_method(cand)
+                rank = self.space.rank_for(cand.spec, method, self.space.snap(fraction))
+                if rank is not None:
+                    choices[cand.spec.name] = (method, rank)
+            if not choices:
+                continue
+            plan = self.make_plan(choices, "calibration")
+            measured = self.measure(self.workbench.apply(plan)).ms
+            log.debug("calibration plan at cost fraction %.2f: predicted %.3f ms, measured %.3f ms",
+                      fraction, self.predictor.predict(plan), measured)
+            self.predictor.record(plan, measured)
+        self.workbench.apply(self.make_plan({}, "calibration"))
 
     def _check_due(self) -> bool:
         """Whether this evaluated trial gets a full-model latency check: the first three (so the
