@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -43,8 +43,8 @@ from ranksearch.rebuild import replace_modules
 from ranksearch.space import LayerCandidates
 
 __all__ = [
-    "Choices",
     "GREEDY_RATIOS",
+    "Choices",
     "GreedyAnalysis",
     "choices_key",
     "greedy_choices",
@@ -224,7 +224,7 @@ def _layer_ratio(per_ratio: Mapping[float, float], level: float) -> float | None
         return None
     if level < per_ratio[ordered[-1]]:
         return ordered[-1]
-    for previous, ratio in zip(ordered, ordered[1:]):
+    for previous, ratio in pairwise(ordered):
         if level > per_ratio[ratio]:
             return previous
     return ordered[-1]
@@ -298,7 +298,3 @@ def tltorch_model(model: nn.Module, names: Sequence[str], ratio: float, *, facto
         replace_modules(compressed, layer, new)
     return compressed.eval()
 
-
-def finite_ratio(value: float) -> float:
-    """``value`` if finite, else NaN (for tables)."""
-    return value if math.isfinite(value) else float("nan")
