@@ -26,11 +26,10 @@ import torch
 from tensorly.decomposition import tensor_ring
 from torch import nn
 
-from ..exceptions import UnsupportedLayerError
 from ..layers import LayerSpec
 from ._reshape import ChainStep, build_chain, chain_flops_per_position, chain_params
 from .base import DecompositionMethod, LayerCost, Rank, factor_cache, register, weight_as_float
-from .tt import TensorLayout, choose_layout, tensorly_torch
+from .tt import TensorLayout, choose_layout, layout_unsupported_reason, tensorly_torch
 
 __all__ = ["TensorRing", "load_tr_cores", "ring_split_mode", "tr_steps"]
 
@@ -74,13 +73,7 @@ class TensorRing(DecompositionMethod):
     summary = "tensor ring: Linear -> ring-closed chain of small Linears over tensorized modes (Wang 2018)"
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
-        reason = super().unsupported_reason(spec)
-        if reason is None:
-            try:
-                choose_layout(spec.in_features, spec.out_features)
-            except UnsupportedLayerError as exc:
-                reason = str(exc)
-        return reason
+        return super().unsupported_reason(spec) or layout_unsupported_reason(spec)
 
     def rank_bounds(self, spec: LayerSpec) -> tuple[int, int]:
         return 1, ring_split_mode(choose_layout(spec.in_features, spec.out_features))[1]

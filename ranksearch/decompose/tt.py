@@ -178,6 +178,15 @@ def tt_steps(layout: TensorLayout, ranks: Sequence[int]) -> list[ChainStep]:
     return steps
 
 
+def layout_unsupported_reason(spec: LayerSpec) -> str | None:
+    """Why a Linear layer's sizes cannot be tensorized (a prime or too small size), or ``None``."""
+    try:
+        choose_layout(spec.in_features, spec.out_features)
+    except UnsupportedLayerError as exc:
+        return str(exc)
+    return None
+
+
 @register
 class TensorTrain(DecompositionMethod):
     name = "tt"
@@ -185,13 +194,7 @@ class TensorTrain(DecompositionMethod):
     summary = "tensor train: Linear -> chain of small Linears over tensorized modes (Novikov 2015)"
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
-        reason = super().unsupported_reason(spec)
-        if reason is None:
-            try:
-                choose_layout(spec.in_features, spec.out_features)
-            except UnsupportedLayerError as exc:
-                reason = str(exc)
-        return reason
+        return super().unsupported_reason(spec) or layout_unsupported_reason(spec)
 
     def rank_bounds(self, spec: LayerSpec) -> tuple[int, int]:
         return 1, max(choose_layout(spec.in_features, spec.out_features).bond_bounds())
