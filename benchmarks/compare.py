@@ -87,6 +87,7 @@ VERIFY_RETRIES = 2
 TARGETS = (0.7, 0.5, 0.35)
 FAMILIES = ("tucker2", "spatial", "svd")
 TLTORCH_FACTORIZATIONS = ("tucker", "cp")
+TLTORCH_IMPLEMENTATIONS = ("factorized", "reconstructed")
 TLTORCH_RATIOS = (0.02, 1.0)  # the parameter-ratio range the tltorch knob is bisected in
 
 log = logging.getLogger("benchmarks.compare")
@@ -223,6 +224,7 @@ class Tunable:
     label: str
     build: Callable[[float], nn.Module]
     timing: Callable[[float], nn.Module]
+    note: str = ""
 
 
 @dataclass
@@ -280,6 +282,8 @@ class SearchStats:
     measured_ratio: float = math.nan
     running_best: list[float] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    seed_lines: list[str] = field(default_factory=list)
+    effective_target: float = math.nan
 
 
 @dataclass
@@ -431,8 +435,9 @@ class Benchmark:
                                      decompose=decompose)
             knob = Knob(f"tltorch-{factorization}", lambda v: round(v, 3), lambda v: f"{v:.3f}",
                         lambda v, tl=tl: measure(tl(v, False)), TLTORCH_RATIOS[0], TLTORCH_RATIOS[1], max(3, steps - 1))
+            probe_note = "; ".join(f"probe {f}" for f in probe["failures"])
             out.append(Tunable(knob, f"param ratio ({implementation})", build=lambda v, tl=tl: tl(v, True),
-                               timing=lambda v, tl=tl: tl(v, False)))
+                               timing=lambda v, tl=tl: tl(v, False), note=probe_note))
         return out
 
     def run_setting(self, setting: Setting, space: SearchSpace, greedy: GreedyAnalysis | None,
@@ -484,14 +489,15 @@ class Benchmark:
 
     def tuned_row(self, setting: Setting, tunable: Tunable, target: float, quality_memo: dict[str, Quality],
                   greedy: GreedyAnalysis | None) -> Row:
-        """A baseline tuned to the target: bisect its knob, build and score the plan, measure it.
+        """A baseline tuned to the target: bisect its knob, build the plan, measure it, score it.
 
         When the final, more careful measurement misses the target although tuning said it met
         it, that measurement replaces the tuning one and the knob is tuned again (up to
-        ``VERIFY_RETRIES`` times) - as ranksearch's own final verification tries its next plan.
+        ``VERIFY_RETRIES`` times, before the plan is scored) - as ranksearch's own final
+        verification tries its next plan.
         """
         task, knob = setting.task, tunable.knob
-        row = Row(task.name, setting.batch, target, knob.name)
+        row = Row(task.name, setting.batch, target, knob.name, note=tunable.note)
         # compress time: tuning (+ AIMET's analysis) and building; not scoring, fine-tuning, reporting
         spent = greedy.seconds if knob.name == "aimet-greedy" and greedy is not None else 0.0
         try:
@@ -501,21 +507,26 @@ class Benchmark:
                 spent += time.perf_counter() - started
                 row.knob = f"{tunable.label} {value:.3g}"
                 key = f"{knob.name}:{knob.key(knob.make(value))}"
-                compressed = self.evaluate(task, key, lambda v=value: tunable.build(v), quality_memo)
-                if compressed is None:  # the plan of an earlier target: its structure times the same
-                    compressed = tunable.timing(value)
-                spent += quality_memo[key].build_s
-                row.quality = quality_memo[key]
+                if key in quality_memo:  # the plan of an earlier target: its structure times the same
+                    compressed, build_s = tunable.timing(value), quality_memo[key].build_s
+                else:
+                    started = time.perf_counter()
+                    compressed = tunable.build(value)
+                    build_s = time.perf_counter() - started
+                spent += build_s
                 self.figures(setting, compressed, row)
                 if not met:
-                    row.note = "the fastest setting missed the target while tuning"
-                    break
-                if row.meets:
-                    break
-                assert row.latency is not None
-                knob.correct(value, row.latency.ratio)
-                row.note = _join(row.note, f"retuned: {row.latency.ratio:.2f} measured at {value:.3g}"
-                                 if attempt < VERIFY_RETRIES else "")
+                    row.note = _join(row.note, "the fastest setting missed the target while tuning")
+                elif not row.meets and attempt < VERIFY_RETRIES:
+                    assert row.latency is not None
+                    knob.correct(value, row.latency.ratio)
+                    row.note = _join(row.note, f"retuned: {row.latency.ratio:.2f} measured at {value:.3g}")
+                    continue
+                if key not in quality_memo:
+                    quality_memo[key] = self.quality(task, compressed)
+                    quality_memo[key].build_s = build_s
+                row.quality = quality_memo[key]
+                break
         except Exception as exc:  # one baseline failing must not sink the benchmark
             row.note = _join(row.note, f"failed: {type(exc).__name__}: {str(exc)[:160]}")
             log.debug("%s failed:\n%s", knob.name, traceback.format_exc())
@@ -588,6 +599,12 @@ class Benchmark:
         """Where the trials' time went, and the running best feasible score."""
         trials = study.trials
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        # the search's own measurement of the original: its predictions are relative to it, and the
+        # target in ms (from this benchmark's measurement) is this ratio of it
+        own = study.user_attrs.get("baseline", {}).get("latency_ms")
+        if own:
+            stats.effective_target = stats.target * base_ms / own
+            base_ms = own
         stats.total_s = total_s
         stats.trials = len(trials)
         stats.seeds = sum("seed" in t.user_attrs for t in trials)
@@ -606,6 +623,12 @@ class Benchmark:
             predicted = frozen.user_attrs.get("predicted_latency_ms")
             if predicted is not None:
                 stats.predicted_ratio = predicted / base_ms
+        for t in trials:  # what each seed gave: the search starts from these
+            if "seed" in t.user_attrs:
+                predicted = t.user_attrs.get("predicted_latency_ms")
+                ratio = f"{predicted / base_ms:.2f}" if predicted is not None else "?"
+                score = f"val {t.values[0]:.4f}" if t.state == optuna.trial.TrialState.COMPLETE else "not evaluated"
+                stats.seed_lines.append(f"{t.user_attrs['seed'].removeprefix('seed:')}: predicted {ratio}, {score}")
         best = -math.inf
         for t in trials:
             if t.state == optuna.trial.TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()):
@@ -625,43 +648,52 @@ class Benchmark:
     # -- tensorly-torch -------------------------------------------------------------------------
 
     def tltorch_probe(self, task: Task, candidates: list[LayerCandidates]) -> dict[str, dict[str, Any]]:
-        """Per factorization: which implementation is faster on the largest layer, or why none can run.
+        """Per factorization: the faster implementation on the model's largest layer, or why none runs.
 
-        Run in a child process with a time limit: a decomposition or a forward pass that takes
-        minutes (it happens, see RESULTS.md) cannot be interrupted from Python otherwise.
+        Each (factorization, implementation) is tried in a child process with a time limit: a
+        decomposition or forward pass that takes minutes, or one that exhausts memory, cannot be
+        stopped from Python otherwise (both happen with MiniLM's 384x1536 layers, see RESULTS.md).
         """
         try:
             importlib.import_module("tltorch")
         except Exception as exc:  # any import failure (missing, or broken with this torch) goes in the table
-            return {f: {"error": f"tensorly-torch does not import: {type(exc).__name__}: {exc}"} for f in TLTORCH_FACTORIZATIONS}
+            why = f"tensorly-torch does not import: {type(exc).__name__}: {exc}"
+            return {f: {"error": why} for f in TLTORCH_FACTORIZATIONS}
         largest = max(candidates, key=lambda c: c.spec.flops)
         layer = task.model.get_submodule(largest.spec.name)
-        spec = largest.spec
-        probes = {}
-        limit = 60 if self.quick else 120
-        for factorization in TLTORCH_FACTORIZATIONS:
-            say(f"{task.name}: tltorch {factorization} probe on {spec.name}")
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "layer.pt"
-                torch.save({"layer": layer, "input_shape": spec.input_shape}, path)
-                try:
-                    out = subprocess.run(
-                        [sys.executable, "-c", _PROBE, str(path), factorization], capture_output=True, text=True,
-                        check=False, timeout=limit,
-                    )
-                except subprocess.TimeoutExpired:
-                    probes[factorization] = {"error": (
-                        f"not run: tltorch {factorization} on one layer ({spec.name}, {tuple(layer.weight.shape)}) did "
-                        f"not decompose and run a forward pass within {limit} s in a probe")}
-                    continue
-            if out.returncode != 0:
-                last = (out.stderr.strip().splitlines() or ["?"])[-1]
-                probes[factorization] = {"error": f"not run: tltorch {factorization} failed on {spec.name}: {last[:200]}"}
-                continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["implementation"] = min(result["forward_s"], key=result["forward_s"].get)
-            probes[factorization] = result
-            say(f"{task.name}: tltorch {factorization}: {result}")
+        where = f"{largest.spec.name} ({' x '.join(str(d) for d in layer.weight.shape)})"
+        limit = 30  # per layer: a peer that needs longer for one layer is not usable on a whole model
+        probes: dict[str, dict[str, Any]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "layer.pt"
+            torch.save({"layer": layer, "input_shape": largest.spec.input_shape}, path)
+            for factorization in TLTORCH_FACTORIZATIONS:
+                forward_s: dict[str, float] = {}
+                failures: list[str] = []
+                for implementation in TLTORCH_IMPLEMENTATIONS:
+                    say(f"{task.name}: tltorch {factorization} ({implementation}) probe on {where}")
+                    try:
+                        out = subprocess.run(
+                            [sys.executable, "-c", _PROBE, str(path), factorization, implementation],
+                            capture_output=True, text=True, check=False, timeout=limit,
+                        )
+                    except subprocess.TimeoutExpired:
+                        failures.append(f"{implementation}: decomposing and running it took over {limit} s")
+                        continue
+                    if out.returncode != 0:
+                        last = (out.stderr.strip().splitlines() or [""])[-1][:160]
+                        killed = " (killed: out of memory?)" if out.returncode < 0 else ""
+                        failures.append(f"{implementation}: exit code {out.returncode}{killed} {last}".strip())
+                        continue
+                    forward_s[implementation] = json.loads(out.stdout.strip().splitlines()[-1])["forward_s"]
+                if forward_s:
+                    implementation = min(forward_s, key=forward_s.__getitem__)
+                    probes[factorization] = {"implementation": implementation, "forward_s": forward_s,
+                                             "failures": failures}
+                else:
+                    probes[factorization] = {"error": f"not run: tltorch {factorization} on {where}: "
+                                                      + "; ".join(failures)}
+                say(f"{task.name}: tltorch {factorization}: {probes[factorization]}")
         return probes
 
     # -- printing -------------------------------------------------------------------------------
@@ -718,18 +750,24 @@ class Benchmark:
         return lines
 
     def efficiency_table(self) -> list[str]:
-        lines = [("| model | batch | target | trials: seeds / evaluated (sampled) / pruned / failed | per evaluated "
-                 "trial: rebuild / cost / eval s | outside trials s | total s | plan from | its val | latency "
-                 "ratio predicted / measured | best baseline (val) | trials to match it | prediction checks |"),
+        lines = [("| model | batch | target (of its own baseline) | trials: seeds / evaluated (sampled) / pruned / "
+                  "failed | per evaluated trial: rebuild / cost / eval s | outside trials s | total s | plan from | "
+                  "its val | latency ratio predicted / measured | best baseline (val) | trials to match it | "
+                  "prediction checks |"),
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in self.stats:
             lines.append(
-                f"| {s.model} | {s.batch} | {s.target:.2f} | {s.trials}: {s.seeds} / {s.evaluated} "
-                f"({s.evaluated_sampled}) / {s.pruned} / {s.failed} | {_fmt(s.rebuild_s, 3)} / {_fmt(s.cost_s, 3)} / "
-                f"{_fmt(s.eval_s, 3)} | {_fmt(s.other_s, 0)} | {_fmt(s.total_s, 0)} | {s.best_origin or '-'} | "
-                f"{_fmt(s.best_val, 4)} | {_fmt(s.predicted_ratio)} / {_fmt(s.measured_ratio)} | "
-                f"{s.best_baseline or '-'} ({_fmt(s.best_baseline_val, 4)}) | "
+                f"| {s.model} | {s.batch} | {s.target:.2f} ({_fmt(s.effective_target)}) | {s.trials}: {s.seeds} / "
+                f"{s.evaluated} ({s.evaluated_sampled}) / {s.pruned} / {s.failed} | {_fmt(s.rebuild_s, 3)} / "
+                f"{_fmt(s.cost_s, 3)} / {_fmt(s.eval_s, 3)} | {_fmt(s.other_s, 0)} | {_fmt(s.total_s, 0)} | "
+                f"{s.best_origin or '-'} | {_fmt(s.best_val, 4)} | {_fmt(s.predicted_ratio)} / "
+                f"{_fmt(s.measured_ratio)} | {s.best_baseline or '-'} ({_fmt(s.best_baseline_val, 4)}) | "
                 f"{s.trials_to_match if s.trials_to_match is not None else 'not reached'} | {s.prediction or '-'} |")
+        seeded = [s for s in self.stats if s.seed_lines]
+        if seeded:
+            lines += ["", ("The seeds of each run (latency ratio as the search predicted it, relative to its own "
+                           "baseline):"), ""]
+            lines += [f"- {s.model} {s.batch} {s.target:.2f}: " + "; ".join(s.seed_lines) for s in seeded]
         logged = [(s, line) for s in self.stats for line in s.log]
         if logged:
             lines += ["", "What ranksearch logged (INFO) during each run:", ""]
@@ -756,11 +794,13 @@ class Benchmark:
             "for every row. *compress s*: wall time to build the plan and the model (knob tuning included; "
             "ranksearch's includes measuring the original, the per-layer latency table - built for the first "
             "target of each batch size, read from its disk cache afterwards - the trials and the final "
-            "verification)."),
+            "verification; a baseline's includes its knob tuning, whose measurements of a plan are reused by "
+            "later targets, and AIMET's per-layer analysis). tensorly-torch rows use whichever of its two "
+            "implementations (factorized / reconstructed) was faster on the model's largest layer in a probe."),
             "",
             f"Spread of the final latency ratios (range of the per-round ratios / ratio), over {len(spreads)} rows: "
-            + (f"median {statistics.median(spreads):.1%}, 90th percentile {spreads[int(0.9 * (len(spreads) - 1))]:.1%}, "
-               f"worst {spreads[-1]:.1%}." if spreads else "none."),
+            + (f"median {statistics.median(spreads):.1%}, 90th percentile "
+               f"{spreads[int(0.9 * (len(spreads) - 1))]:.1%}, worst {spreads[-1]:.1%}." if spreads else "none."),
             "",
             "## Verdict: is ranksearch at least as good as the best baseline, at equal or lower latency?",
             "",
@@ -776,7 +816,8 @@ class Benchmark:
         for name, notes in self.notes.items():
             base_val, base_test = self.originals[name]
             out += [f"## {self.titles[name]}", "", *[f"- {n}" for n in notes],
-                    f"- original: validation {base_val:.4f}, test " + ", ".join(f"{k} {v:.4f}" for k, v in base_test.items()),
+                    "- original: validation " + f"{base_val:.4f}, test "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in base_test.items()),
                     ""]
             for batch in dict.fromkeys(r.batch for r in self.rows if r.model == name):
                 rows = [r for r in self.rows if r.model == name and r.batch == batch]
@@ -800,35 +841,24 @@ _PROBE = textwrap.dedent("""
     warnings.filterwarnings("ignore")
     import torch, tltorch
     saved = torch.load(sys.argv[1], weights_only=False)
-    layer, shape, factorization = saved["layer"].eval(), saved["input_shape"], sys.argv[2]
-    x = torch.randn(*shape)
+    layer, factorization, implementation = saved["layer"].eval(), sys.argv[2], sys.argv[3]
+    x = torch.randn(*saved["input_shape"])
     torch.set_num_threads(1)
-    out = {"forward_s": {}}
-
-    def fastest(module, calls=5):
-        # the quickest of a few calls; one call alone is enough to rule out a minutes-long forward
-        times = []
-        with torch.no_grad():
-            for _ in range(calls):
-                started = time.perf_counter()
-                module(x)
-                times.append(time.perf_counter() - started)
-                if times[-1] > 1.0:
-                    break
-        return min(times)
-
-    for implementation in ("factorized", "reconstructed"):
-        started = time.perf_counter()
-        if isinstance(layer, torch.nn.Conv2d):
-            new = tltorch.FactorizedConv.from_conv(layer, rank=0.25, factorization=factorization,
+    if isinstance(layer, torch.nn.Conv2d):
+        new = tltorch.FactorizedConv.from_conv(layer, rank=0.25, factorization=factorization,
+                                               implementation=implementation)
+    else:
+        new = tltorch.FactorizedLinear.from_linear(layer, rank=0.25, factorization=factorization,
                                                    implementation=implementation)
-        else:
-            new = tltorch.FactorizedLinear.from_linear(layer, rank=0.25, factorization=factorization,
-                                                       implementation=implementation)
-        out.setdefault("decompose_s", time.perf_counter() - started)
-        out["forward_s"][implementation] = fastest(new.eval())
-    out["original_forward_s"] = fastest(layer)
-    print(json.dumps(out))
+    times = []
+    with torch.no_grad():
+        for _ in range(5):  # the quickest of a few calls; one slow call is enough to rule it out
+            started = time.perf_counter()
+            new.eval()(x)
+            times.append(time.perf_counter() - started)
+            if times[-1] > 1.0:
+                break
+    print(json.dumps({"forward_s": min(times)}))
 """)
 
 
@@ -900,7 +930,8 @@ def plot(rows: list[Row], path: Path) -> Path | None:
     for ax, (model, batch) in zip(axes[0], panels, strict=True):
         here = [r for r in rows if (r.model, r.batch) == (model, batch) and r.latency and r.quality]
         for method in methods:
-            points = sorted((r.latency.ratio, r.headline(), r.headline(True)) for r in here if r.method == method)  # type: ignore[union-attr]
+            points = sorted((r.latency.ratio, r.headline(), r.headline(True))  # type: ignore[union-attr]
+                            for r in here if r.method == method)
             if not points:
                 continue
             xs, ys, ys_ft = zip(*points, strict=True)
@@ -928,15 +959,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="the CNN only, batch 1, target 0.5, 20 trials (a few minutes)")
     parser.add_argument("--models", default=None, help="comma-separated: cnn,minilm (default: both; quick: cnn)")
-    parser.add_argument("--targets", default=None, help="comma-separated latency ratios (default 0.7,0.5,0.35; quick 0.5)")
-    parser.add_argument("--trials", type=int, default=None, help="ranksearch trials (default 60 CNN / 40 MiniLM; quick 20)")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated latency ratios (default 0.7,0.5,0.35; quick 0.5)")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="ranksearch trials (default 40 CNN / 30 MiniLM; quick 20)")
     parser.add_argument("--batch1-only", action="store_true", help="time batch 1 only (skip the server batch)")
     parser.add_argument("--skip-aimet", action="store_true")
     parser.add_argument("--skip-tltorch", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    args.targets = tuple(float(t) for t in args.targets.split(",")) if args.targets else ((0.5,) if args.quick else TARGETS)
+    default_targets = (0.5,) if args.quick else TARGETS
+    args.targets = tuple(float(t) for t in args.targets.split(",")) if args.targets else default_targets
     models = args.models.split(",") if args.models else (["cnn"] if args.quick else ["cnn", "minilm"])
     handler = logging.StreamHandler()
     handler.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
