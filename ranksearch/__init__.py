@@ -31,6 +31,7 @@ from .seeds import seed_plans  # noqa: E402
 from .space import SearchSpace, list_spaces, load_space  # noqa: E402
 from .result import ModelStats, ParetoPoint, SearchResult  # noqa: E402
 from .search import optimize  # noqa: E402
+from .sensitivity import SensitivityTable  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "RankSearchError",
     "SearchResult",
     "SearchSpace",
+    "SensitivityTable",
     "apply_plan",
     "capture_layer_specs",
     "decompose",

@@ -57,6 +57,7 @@ class TargetUnreachableError(RankSearchError):
         self.best_latency_ms = best_latency_ms
         self.best_flops = best_flops
         self.study = study  # the Optuna study, when a search ran
+        self.sensitivity = None  # the search's per-layer sensitivity table, reusable for a looser target
 
 
 class EvaluationError(RankSearchError):

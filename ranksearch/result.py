@@ -53,6 +53,8 @@ class SearchResult:
         targets: the budgets, as absolute numbers.
         prediction_error: how far predicted model latency was from full-model measurements.
         message: a sentence on what happened (e.g. the original already met the target).
+        sensitivity: the per-layer sensitivity table the search measured (or was given); pass it as
+            ``optimize(..., sensitivity=result.sensitivity)`` to reuse it for another target.
     """
 
     model: nn.Module
@@ -64,6 +66,7 @@ class SearchResult:
     targets: dict[str, float] = field(default_factory=dict)
     prediction_error: dict[str, Any] | None = None
     message: str = ""
+    sensitivity: Any = None
 
     def summary(self) -> str:
         """A before / after table, in Markdown."""

@@ -5,15 +5,16 @@ How a search runs:
 1. The model is copied (the user's model is never touched), its decomposable layers are found
    with their real input shapes, and the search space decides which methods each may use.
 2. The original is measured: latency on the target device, FLOPs (fvcore), parameters, quality.
-3. Heuristic plans (VBMF, energy thresholds) are enqueued as the first trials.
+3. Heuristic plans (VBMF, energy thresholds) and plans fitted to the budget (one knob each, tuned
+   on predicted and then measured latency) are enqueued as the first trials.
 4. Each trial picks, per layer, ``keep`` or a method and a *cost fraction* (the share of the
    layer's FLOPs its replacement may cost, mapped to a rounded rank). Its FLOPs, parameters and
-   predicted latency (per-layer latency table) are computed first and set as Optuna constraints
-   with ``trial.set_constraint``; a trial that already breaks a budget is recorded as infeasible
-   (pruned) without running the quality evaluation.
-5. Feasible trials are rebuilt (only the changed layers are swapped in a working copy) and scored;
-   every ``latency_check_every`` evaluated trials the whole model is measured to check and
-   calibrate the latency prediction.
+   predicted latency (per-layer latency table) are computed first; a trial that clearly breaks a
+   budget is recorded as infeasible (pruned, with its Optuna constraints set) without being built.
+5. The others are rebuilt (only the changed layers are swapped in a working copy) and the whole
+   model's latency is measured; that measurement decides feasibility and calibrates the latency
+   predictor. Feasible trials are scored. After the seeds, every other trial is a neighbour of the
+   best feasible plan so far (``ranksearch.neighbours``); the sampler proposes the others.
 6. The best feasible plan is rebuilt from the original and its latency measured again; if it
    misses the target, the next best is tried; if none meets it, TargetUnreachableError says so.
 
@@ -41,10 +42,12 @@ from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
 from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
+from .neighbours import NeighbourMoves
 from .plan import CompressionPlan, model_fingerprint
 from .quality import FidelityScorer, calibration_batches, checked_score
 from .rebuild import apply_plan, check_finite_parameters
 from .result import ModelStats, SearchResult
+from .sensitivity import SensitivityTable, measure_sensitivity
 from .space import LayerCandidates, SearchSpace, load_space
 from .study import best_feasible, open_storage, open_study, pareto_points, plan_of, quiet_optuna
 from .targets import Targets
@@ -112,10 +115,10 @@ def optimize(
     latency_fn: LatencyFn | None = None,
     threads: int | None = None,
     show_progress_bar: bool = True,
-    latency_check_every: int = 10,
+    latency_check_every: int = 1,
     latency_tolerance: float = 0.05,
     vbmf_weakening: float | None = None,
-    sensitivity: bool = True,
+    sensitivity: bool | SensitivityTable = True,
 ) -> SearchResult:
     """Find the per-layer decomposition plan that meets the budget with the best quality.
 
@@ -141,13 +144,17 @@ def optimize(
         threads: torch threads latency is measured with (default: ``torch.get_num_threads()``); use the
             count the model will run with.
         show_progress_bar: show trials done, best feasible score and its latency.
-        latency_check_every: measure the whole model on the first three evaluated trials and then every
-            this many, to check and calibrate the latency prediction (0: never, except the final answer).
+        latency_check_every: 1 (default): measure every plan that is built, and let the measurement decide
+            whether it meets a latency target. N > 1: measure the first three and every N-th, and trust
+            the calibrated prediction for the others (for targets where measuring is slow, e.g. a
+            remote ``latency_fn``). 0: predictions only, until the final answer is measured.
         latency_tolerance: relative measurement tolerance when verifying the final latency.
         vbmf_weakening: also seed a weakened-VBMF plan keeping this fraction of what VBMF discards.
         sensitivity: before the trials, score each layer compressed alone at a few levels and seed the
             plans that spend the budget where it costs the least quality (``ranksearch.sensitivity``).
-            Costs a few evaluations per layer; worth it unless evaluations are very expensive.
+            Costs a few evaluations per layer; worth it unless evaluations are very expensive. The table
+            does not depend on the budget: pass a previous result's ``result.sensitivity`` (same model,
+            same quality measure and space) to reuse it for another target.
 
     Returns:
         A :class:`~ranksearch.result.SearchResult` (``model``, ``plan``, ``study``, ``baseline``, ``final``,
@@ -175,6 +182,8 @@ def optimize(
     # Everything below works on a copy: the user's model keeps its parameters, mode and device.
     reference = copy.deepcopy(model).to(torch_device).eval()
     check_finite_parameters(reference)
+    fingerprint = model_fingerprint(reference)
+    _check_sensitivity(sensitivity, fingerprint)
     inputs = _move(inputs, torch_device)
     specs = capture_layer_specs(reference, inputs)
     candidates = drop_unreplaceable(reference, inputs, space.candidates(specs))
@@ -197,7 +206,6 @@ def optimize(
     baseline = ModelStats(base_latency.ms, base_latency.spread, base_flops, base_params, base_score)
     targets = Targets.parse(latency_ms=target_latency_ms, flops=target_flops, params=target_params,
                             baseline_flops=base_flops, baseline_params=base_params)
-    fingerprint = model_fingerprint(reference)
 
     with warnings.catch_warnings():  # `group` is marked experimental; it is what conditional spaces need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -237,11 +245,13 @@ def optimize(
         eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure, fingerprint=fingerprint,
         latency_check_every=latency_check_every,
     )
+    table = None
     if not study.trials:
         search.calibrate_latency()
-        for seed_plan in search.seeds(weakening=vbmf_weakening, sensitivity=sensitivity)[:n_trials]:
-            choices = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in seed_plan.choices.items()}
-            study.enqueue_trial(search.seed_params(seed_plan), user_attrs={"seed": seed_plan.origin, "seed_choices": choices})
+        table = sensitivity if isinstance(sensitivity, SensitivityTable) else (
+            measure_sensitivity(search) if sensitivity else None)
+        for seed_plan in search.seeds(weakening=vbmf_weakening, sensitivity=table)[:n_trials]:
+            search.enqueue(study, seed_plan, seed=seed_plan.origin)
 
     finished = [t for t in study.trials if t.state.is_finished()]
     remaining = max(0, n_trials - len(finished))
@@ -249,7 +259,7 @@ def optimize(
     try:
         with quiet_optuna():
             study.optimize(search.objective, n_trials=remaining, timeout=timeout, catch=(EvaluationError,),
-                           callbacks=[progress])
+                           callbacks=[progress, NeighbourMoves(search, n_trials, seed)])
     except KeyboardInterrupt:
         log.warning("search interrupted: %d trials are kept in the study; rerun with the same storage and "
                     "study_name to resume", len(study.trials))
@@ -257,7 +267,27 @@ def optimize(
     finally:
         progress.close()
 
-    return _finish(study, search, targets, baseline, measure, latency_tolerance)
+    try:
+        result = _finish(study, search, targets, baseline, measure, latency_tolerance)
+    except TargetUnreachableError as exc:
+        exc.sensitivity = table  # still reusable for a looser target
+        raise
+    result.sensitivity = table
+    return result
+
+
+def _check_sensitivity(sensitivity: Any, fingerprint: dict[str, Any]) -> None:
+    """Refuse a ``sensitivity=`` that is neither a flag nor a table measured on this model."""
+    if isinstance(sensitivity, SensitivityTable):
+        if sensitivity.fingerprint != fingerprint["digest"]:
+            raise InvalidInputsError(
+                "sensitivity= is a table measured on another model (its fingerprint differs); pass "
+                "sensitivity=True to measure it for this one"
+            )
+    elif not (sensitivity is None or isinstance(sensitivity, bool)):
+        raise InvalidInputsError(
+            f"sensitivity must be True, False or a SensitivityTable (result.sensitivity), got {type(sensitivity).__name__}"
+        )
 
 
 def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space: SearchSpace, baseline: ModelStats) -> None:

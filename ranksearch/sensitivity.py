@@ -2,11 +2,12 @@
 where it costs the least quality.
 
 Each searchable layer is replaced alone, by each method the space allows, at a few cost fractions,
-and the model is scored. Two warm-start plans come out of that table:
+and the model is scored (:func:`measure_sensitivity`; the table does not depend on the budget and
+can be reused, see :class:`SensitivityTable`). Two warm-start plans come out of that table:
 
 * **threshold** - AIMET's greedy compression-ratio selection: one quality loss shared by all
   layers; each layer takes its cheapest option within that loss, and the loss is bisected until
-  the whole model meets the budget. (AIMET does this with spatial SVD only; here every method the
+  the whole model meets the budget (on predicted, then measured latency: ``ranksearch.fitting``). (AIMET does this with spatial SVD only; here every method the
   space allows competes per layer.)
 * **lagrangian** - minimises the summed loss under the budget (a multiple-choice knapsack, solved by
   Lagrangian relaxation: each layer picks ``argmin loss + lambda * cost`` and ``lambda`` is
@@ -21,19 +22,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .decompose import get_method
 from .decompose.base import Rank
 from .plan import KEEP
-from .warmstart import Choices, Seed, seed_method
+from .fitting import Choices, Fit
+from .warmstart import Seed, seed_method
 
 if TYPE_CHECKING:
     from .trials import TrialRunner
 
-__all__ = ["Option", "layer_options", "threshold_choices", "lagrangian_choices", "sensitivity_seeds"]
+__all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
+           "lagrangian_choices", "sensitivity_seeds"]
 
 log = logging.getLogger("ranksearch.sensitivity")
 
@@ -62,26 +65,39 @@ def _layer_cost(runner: TrialRunner, name: str, method: str, rank: Rank | None) 
     return float(cost.flops if runner.targets.flops is not None else cost.params)
 
 
-def layer_options(runner: TrialRunner, *, fractions: Sequence[float] = SENSITIVITY_FRACTIONS,
-                  max_evaluations: int = 240) -> dict[str, list[Option]]:
+@dataclass(frozen=True)
+class SensitivityTable:
+    """The quality each layer loses when compressed alone, per (method, rank).
+
+    It depends on the model, the quality measure and the search space, not on the budget: pass
+    ``result.sensitivity`` to the next :func:`ranksearch.optimize` of the same model (another target
+    or batch size) to skip recomputing it.
+    """
+
+    losses: dict[str, tuple[tuple[str, Rank, float], ...]]  # layer -> ((method, rank, loss), ...)
+    fingerprint: str  # the model's digest, so a table is never applied to another model
+    evaluations: int
+    seconds: float
+
+
+def measure_sensitivity(runner: TrialRunner, *, fractions: Sequence[float] = SENSITIVITY_FRACTIONS,
+                        max_evaluations: int = 240) -> SensitivityTable:
     """Score every layer alone at each method and fraction (fewer methods if that exceeds ``max_evaluations``)."""
     started = time.perf_counter()
     baseline = runner.baseline.score
     per_layer_methods = {c.spec.name: list(c.methods) for c in runner.searchable}
     if sum(len(m) for m in per_layer_methods.values()) * len(fractions) > max_evaluations:
         per_layer_methods = {c.spec.name: [seed_method(c)] for c in runner.searchable}
-    options: dict[str, list[Option]] = {}
+    losses: dict[str, tuple[tuple[str, Rank, float], ...]] = {}
     evaluations = 0
     for cand in runner.searchable:
         name = cand.spec.name
-        layer_options_ = [Option(KEEP, None, 0.0, _layer_cost(runner, name, KEEP, None))]
-        seen: set[tuple[str, Rank]] = set()
+        scored: dict[tuple[str, Rank], float] = {}
         for method in per_layer_methods[name]:
             for fraction in fractions:
                 rank = runner.space.rank_for(cand.spec, method, runner.space.snap(fraction))
-                if rank is None or (method, rank) in seen:
+                if rank is None or (method, rank) in scored:
                     continue
-                seen.add((method, rank))
                 model = runner.workbench.apply(runner.make_plan({name: (method, rank)}, "sensitivity"))
                 try:
                     score = runner.score(model)
@@ -89,12 +105,25 @@ def layer_options(runner: TrialRunner, *, fractions: Sequence[float] = SENSITIVI
                     log.debug("sensitivity of %s at %s %s failed: %s", name, method, rank, exc)
                     continue
                 evaluations += 1
-                loss = max(0.0, baseline - score) if baseline is not None else -score
-                layer_options_.append(Option(method, rank, loss, _layer_cost(runner, name, method, rank)))
-        options[name] = layer_options_
+                scored[(method, rank)] = max(0.0, baseline - score) if baseline is not None else -score
+        losses[name] = tuple((m, r, loss) for (m, r), loss in scored.items())
     runner.workbench.apply(runner.make_plan({}, "sensitivity"))
-    log.info("sensitivity: %d evaluations over %d layers in %.1f s", evaluations, len(options),
-             time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    log.info("sensitivity: %d evaluations over %d layers in %.1f s", evaluations, len(losses), seconds)
+    return SensitivityTable(losses, runner.fingerprint["digest"], evaluations, seconds)
+
+
+def layer_options(runner: TrialRunner, table: SensitivityTable) -> dict[str, list[Option]]:
+    """Each layer's options (keep, and every scored method and rank the space still allows) with
+    their loss from ``table`` and their cost under this search's budget."""
+    options: dict[str, list[Option]] = {}
+    for cand in runner.searchable:
+        name = cand.spec.name
+        here = [Option(KEEP, None, 0.0, _layer_cost(runner, name, KEEP, None))]
+        for method, rank, loss in table.losses.get(name, ()):
+            if method in cand.methods:
+                here.append(Option(method, rank, loss, _layer_cost(runner, name, method, rank)))
+        options[name] = here
     return options
 
 
@@ -102,30 +131,24 @@ def _choices(picks: dict[str, Option]) -> Choices:
     return {name: (o.method, o.rank) for name, o in picks.items() if o.method != KEEP}  # type: ignore[misc]
 
 
-def threshold_choices(options: dict[str, list[Option]], feasible: Callable[[Choices], bool]) -> Choices | None:
+def threshold_choices(options: dict[str, list[Option]], fit: Fit) -> Choices | None:
     """AIMET-style: the smallest shared loss at which every layer's cheapest option meets the budget."""
     levels = sorted({o.loss for opts in options.values() for o in opts})
 
-    def at(level: float) -> Choices:
+    def at(index: float) -> Choices:
+        level = levels[int(index)]
         return _choices({name: min((o for o in opts if o.loss <= level), key=lambda o: o.cost)
                          for name, opts in options.items()})
 
-    lo, hi = 0, len(levels) - 1
-    if not feasible(at(levels[hi])):
-        return None
-    while lo < hi:  # the cost falls as the level rises: find the first feasible level
-        mid = (lo + hi) // 2
-        if feasible(at(levels[mid])):
-            hi = mid
-        else:
-            lo = mid + 1
-    return at(levels[lo])
+    # the cost falls as the shared loss level rises: the highest level is the cheap end
+    return fit(at, len(levels) - 1, 0, integer=True)
 
 
-def lagrangian_choices(options: dict[str, list[Option]], feasible: Callable[[Choices], bool]) -> Choices | None:
+def lagrangian_choices(options: dict[str, list[Option]], fit: Fit) -> Choices | None:
     """The plan minimising summed loss + lambda * cost, with the smallest lambda that meets the budget."""
 
-    def at(lam: float) -> Choices:
+    def at(log_lambda: float) -> Choices:
+        lam = math.exp(log_lambda)
         return _choices({name: min(opts, key=lambda o: (o.loss + lam * o.cost, o.cost))
                          for name, opts in options.items()})
 
@@ -136,24 +159,16 @@ def lagrangian_choices(options: dict[str, list[Option]], feasible: Callable[[Cho
     # lambda spans from "cost hardly matters" to "loss hardly matters", on a log scale
     low = math.log(max(min(losses, default=1e-6), 1e-9) / max(costs) / 100)
     high = math.log(max(max(losses, default=1.0), 1e-9) / min(costs) * 100)
-    if not feasible(at(math.exp(high))):
-        return None
-    for _ in range(40):
-        mid = (low + high) / 2
-        if feasible(at(math.exp(mid))):
-            high = mid
-        else:
-            low = mid
-    return at(math.exp(high))
+    return fit(at, high, low)
 
 
-def sensitivity_seeds(runner: TrialRunner) -> list[Seed]:
+def sensitivity_seeds(runner: TrialRunner, table: SensitivityTable) -> list[Seed]:
     """The threshold and Lagrangian plans from one sensitivity table."""
-    options = layer_options(runner)
+    options = layer_options(runner, table)
     seeds = []
     for origin, allocate in (("seed:sensitivity-lagrangian", lagrangian_choices),
                              ("seed:sensitivity-threshold", threshold_choices)):
-        choices = allocate(options, runner.feasible)
+        choices = allocate(options, runner.fit)
         if choices:
             seeds.append(Seed(origin, choices))
     return seeds

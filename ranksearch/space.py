@@ -228,6 +228,14 @@ class SearchSpace:
         return rounded
 
 
+    @staticmethod
+    def cost_fraction_of(spec: LayerSpec, method_name: str, rank: Rank) -> float:
+        """The share of the layer's FLOPs (its parameters, for layers without FLOPs) ``rank`` costs:
+        the inverse of :meth:`rank_for`, before snapping to the grid."""
+        cost = get_method(method_name).cost(spec, rank)
+        return cost.flops / spec.flops if spec.flops else cost.params / spec.params
+
+
 def _exceeds(rank: Rank, limit: Rank) -> bool:
     if isinstance(rank, tuple):
         return any(r > lim for r, lim in zip(rank, limit))  # type: ignore[arg-type]

@@ -1,25 +1,30 @@
 """One trial of the search: sample per-layer choices, check the budget cheaply, rebuild, score.
 
 Ranks are searched as a cost fraction per layer (see ``ranksearch.space``). Before the model is
-rebuilt, the plan's analytic FLOPs and parameters and its predicted latency are set as Optuna
-constraints; a plan that already breaks a budget is pruned without the quality evaluation.
+rebuilt, the plan's analytic FLOPs and parameters and its predicted latency are checked; a plan
+that breaks a FLOP or parameter budget, or whose predicted latency is over the target by more than
+the predictor's error, is pruned without being built. The others are built and the whole model's
+latency is measured: the measurement, not the prediction, decides whether the plan meets a latency
+target (the per-layer table misses what layers do to each other inside the model). The budgets'
+relative excesses are Optuna constraints (``trial.set_constraint``), which the sampler uses; only
+plans within budget are scored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from torch import nn
 
 from .cost import LatencyPredictor
-from .decompose import get_method
 from .exceptions import EvaluationError
-from .layers import LayerSpec
+from .fitting import Choices, fit_to_budget
 from .plan import KEEP, CompressionPlan, LayerChoice
 from .quality import FidelityScorer, checked_score
 from .result import ModelStats
@@ -28,9 +33,15 @@ from .targets import Targets
 from .warmstart import Seed, fitted_seeds, heuristic_seeds, seed_method
 from .workbench import ModelWorkbench, plan_cost
 
+if TYPE_CHECKING:
+    from .sensitivity import SensitivityTable
+
 __all__ = ["TrialRunner"]
 
 log = logging.getLogger("ranksearch.search")
+
+# A measured latency this close to the target (relative) is measured again before it decides.
+_NEAR_TARGET = 0.04
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -39,11 +50,8 @@ def _param_names(name: str) -> tuple[str, str]:
     return f"{name}.method", f"{name}.cost_fraction"
 
 
-def _relative_cost(spec: LayerSpec, method: str, rank: Any) -> float:
-    cost = get_method(method).cost(spec, rank)
-    if spec.flops:
-        return cost.flops / spec.flops
-    return cost.params / spec.params
+def _plan_key(plan: CompressionPlan) -> str:
+    return json.dumps(sorted((c.name, c.method, str(c.rank)) for c in plan.replaced))
 
 
 class TrialRunner:
@@ -70,7 +78,9 @@ class TrialRunner:
         self.fingerprint = fingerprint
         self.latency_check_every = latency_check_every
         self.workbench = ModelWorkbench(reference, [c.spec for c in self.searchable])
-        self.evaluated = 0
+        self.evaluated = 0  # trials scored
+        self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
+        self._measured: dict[str, float] = {}  # plan key -> measured latency, ms
 
     # -- plans ----------------------------------------------------------------------------------
 
@@ -102,24 +112,73 @@ class TrialRunner:
                 choices[cand.spec.name] = (method, rank)
         return choices
 
-    def violations(self, choices: dict[str, tuple[str, Any]]) -> dict[str, float]:
-        """Relative excess over each budget of a plan, from analytic costs and predicted latency."""
+    def violations(self, choices: dict[str, tuple[str, Any]], *, measured: bool = False) -> dict[str, float]:
+        """Relative excess over each budget of a plan, from analytic costs and predicted latency
+        (``measured=True``: the whole model's measured latency instead)."""
         plan = self.make_plan(choices, "check")
         saved = plan_cost(self.specs, plan)
-        predicted = self.predictor.predict(plan) if self.predictor is not None else None
-        return self.targets.violations(latency_ms=predicted, flops=self.baseline.flops - saved.flops,
+        latency = None
+        if self.predictor is not None:
+            latency = self.measured_latency(plan) if measured else self.predictor.predict(plan)
+        return self.targets.violations(latency_ms=latency, flops=self.baseline.flops - saved.flops,
                                        params=self.baseline.params - saved.params)
 
     def feasible(self, choices: dict[str, tuple[str, Any]]) -> bool:
+        """Whether the plan meets every budget, by prediction (cheap)."""
         return all(v <= 0 for v in self.violations(choices).values())
 
-    def seeds(self, *, weakening: float | None, sensitivity: bool) -> list[Seed]:
-        """Heuristic seeds, budget-fitted ones, then (optionally) sensitivity-allocated ones, without duplicates."""
+    def measured_feasible(self, choices: dict[str, tuple[str, Any]]) -> bool:
+        """Whether the plan meets every budget, by measuring the whole model (cached per plan)."""
+        return all(v <= 0 for v in self.violations(choices, measured=True).values())
+
+    def fit(self, make: Callable[[float], Choices], cheap: float, dear: float, *, integer: bool = False) -> Choices | None:
+        """A one-knob plan fitted to the budget (see ``ranksearch.fitting``)."""
+        measured = self.measured_feasible if self.predictor is not None and self.latency_check_every else None
+        return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible, measured_feasible=measured,
+                             integer=integer)
+
+    def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None) -> float:
+        """The whole model's latency under ``plan``, measured once per distinct plan; each new
+        measurement also calibrates the predictor.
+
+        A measurement within its own noise of the latency target (twice its spread, at least
+        ``_NEAR_TARGET``) cannot say on which side the plan is: it is measured twice more and the
+        median decides. Those are the plans the search wants most, right at the budget.
+        """
+        key = _plan_key(plan)
+        if key not in self._measured:
+            if model is None:
+                model = self.workbench.apply(plan)
+            first = self.measure(model)
+            ms = first.ms
+            target = self.targets.latency_ms
+            if target is not None and abs(ms - target) / target < max(2 * first.spread, _NEAR_TARGET):
+                ms = statistics.median([ms, self.measure(model).ms, self.measure(model).ms])
+            self._measured[key] = ms
+            if self.predictor is not None:
+                self.predictor.record(plan, ms)
+        return self._measured[key]
+
+    def prune_margin(self) -> float:
+        """How far over the target a *predicted* latency may be and the plan still gets measured:
+        twice the predictor's recent error, within [10%, 40%] (40% before it has been checked)."""
+        if self.predictor is None or len(self.predictor.checks) < 3:
+            return 0.4
+        recent = self.predictor.checks[-10:]
+        errors = sorted(abs(c.predicted - c.measured) / c.measured for c in recent)
+        return min(0.4, max(0.1, 2 * errors[len(errors) // 2]))
+
+    def seeds(self, *, weakening: float | None, sensitivity: SensitivityTable | None) -> list[Seed]:
+        """Heuristic seeds, budget-fitted ones, then (with a sensitivity table) sensitivity-allocated ones,
+        without duplicates."""
         from .sensitivity import sensitivity_seeds  # imports this module's TrialRunner for typing
 
+        started = time.perf_counter()
         heuristic = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
-        fitted = fitted_seeds(self.reference, self.searchable, self.space, self.feasible)
-        allocated = sensitivity_seeds(self) if sensitivity else []
+        fitted = fitted_seeds(self.reference, self.searchable, self.space, self.fit)
+        allocated = sensitivity_seeds(self, sensitivity) if sensitivity is not None else []
+        log.info("seed plans built and fitted to the budget in %.1f s (%d whole-model measurements so far)",
+                 time.perf_counter() - started, len(self._measured))
         # most promising first, so a small trial budget still runs them: the VBMF plan (the classic
         # one-shot answer), plans fitted to the budget, then the fixed energy thresholds
         vbmf = [s for s in heuristic if s.origin.startswith("seed:vbmf")]
@@ -138,8 +197,13 @@ class TrialRunner:
             method, rank = seed.choices.get(cand.spec.name, (KEEP, None))
             params[method_param] = method
             if method != KEEP:
-                params[fraction_param] = self.space.snap(_relative_cost(cand.spec, method, rank))
+                params[fraction_param] = self.space.snap(self.space.cost_fraction_of(cand.spec, method, rank))
         return params
+
+    def enqueue(self, study: optuna.Study, queued: Seed, **user_attrs: Any) -> None:
+        """Queue a plan as the next trial: its exact choices, and the nearest parameters for the sampler."""
+        exact = {name: [m, list(r) if isinstance(r, tuple) else r] for name, (m, r) in queued.choices.items()}
+        study.enqueue_trial(self.seed_params(queued), user_attrs={**user_attrs, "seed_choices": exact})
 
     # -- one trial ------------------------------------------------------------------------------
 
@@ -157,11 +221,11 @@ class TrialRunner:
 
     def _trial(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
-        seed_choices = trial.user_attrs.get("seed_choices")
+        seed_choices = trial.user_attrs.get("seed_choices")  # a queued plan (see enqueue): exact ranks
         if seed_choices is not None:
             self.sample_choices(trial)  # registers the enqueued parameters with the sampler
             choices = {name: (m, tuple(r) if isinstance(r, list) else r) for name, (m, r) in seed_choices.items()}
-            origin = trial.user_attrs["seed"]
+            origin = trial.user_attrs.get("seed", f"trial:{trial.number}")
         else:
             choices = self.sample_choices(trial)
             origin = f"trial:{trial.number}"
@@ -176,30 +240,46 @@ class TrialRunner:
         if predicted is not None:
             trial.set_user_attr("predicted_latency_ms", predicted)
         violations = self.targets.violations(latency_ms=predicted, flops=flops, params=params)
-        for key, value in violations.items():
-            trial.set_constraint(key, value)
-        cost_time = time.perf_counter() - started
-        trial.set_user_attr("time_cost_s", cost_time)
-        broken = {k: v for k, v in violations.items() if v > 0}
-        if broken:
-            reason = ", ".join(f"{k} {v:+.1%} over budget" for k, v in broken.items())
-            trial.set_user_attr("skipped", f"not evaluated: {reason}")
-            raise optuna.TrialPruned(reason)
+        measure_now = predicted is not None and self._check_due()
+        # Before building: FLOP and parameter budgets are exact; a predicted latency only rules a
+        # plan out when it is over by more than the predictor's error, if the plan will be measured
+        over = {k: v for k, v in violations.items()
+                if v > (self.prune_margin() if measure_now and k == "latency" else 0.0)}
+        trial.set_user_attr("time_cost_s", time.perf_counter() - started)
+        if over:
+            self._prune(trial, violations, "predicted")
 
         t0 = time.perf_counter()
         model = self.workbench.apply(plan)
         t1 = time.perf_counter()
-        score = self.score(model, trial)
-        t2 = time.perf_counter()
         trial.set_user_attr("time_rebuild_s", t1 - t0)
-        trial.set_user_attr("time_eval_s", t2 - t1)
+        self.rebuilt += 1
+        latency = predicted
+        if measure_now:
+            latency = self.measured_latency(plan, model)
+            trial.set_user_attr("measured_latency_ms", latency)
+            trial.set_user_attr("time_measure_s", time.perf_counter() - t1)
+            violations = self.targets.violations(latency_ms=latency, flops=flops, params=params)
+        if any(v > 0 for v in violations.values()):
+            self._prune(trial, violations, "measured" if measure_now else "predicted")
+        for key, value in violations.items():
+            trial.set_constraint(key, value)
+
+        t2 = time.perf_counter()
+        score = self.score(model, trial)
+        trial.set_user_attr("time_eval_s", time.perf_counter() - t2)
         self.evaluated += 1
-        if self.predictor is not None and self._check_due():
-            measured = self.measure(model).ms
-            self.predictor.record(plan, measured)
-            trial.set_user_attr("measured_latency_ms", measured)
-        cost = predicted if predicted is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
+        cost = latency if latency is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
         return score, float(cost)
+
+    @staticmethod
+    def _prune(trial: optuna.Trial, violations: dict[str, float], how: str) -> None:
+        """Record the trial as infeasible (its constraints say by how much) without scoring it."""
+        for key, value in violations.items():
+            trial.set_constraint(key, value)
+        reason = ", ".join(f"{k} {v:+.1%} over budget ({how})" for k, v in violations.items() if v > 0)
+        trial.set_user_attr("skipped", f"not evaluated: {reason}")
+        raise optuna.TrialPruned(reason)
 
     def calibrate_latency(self, fractions: tuple[float, ...] = (0.3, 0.6)) -> None:
         """Measure a few whole-model plans before the first trial and teach the predictor from them.
@@ -227,10 +307,11 @@ class TrialRunner:
         self.workbench.apply(self.make_plan({}, "calibration"))
 
     def _check_due(self) -> bool:
-        """Whether this evaluated trial gets a full-model latency check: the first three (so the
-        predictor is calibrated early, when it matters most), then every ``latency_check_every``."""
-        every = self.latency_check_every
-        return bool(every) and (self.evaluated <= 3 or self.evaluated % every == 0)
+        """Whether the plan about to be built gets its whole-model latency measured: always with
+        ``latency_check_every=1`` (the default); else the first three built plans (to calibrate the
+        predictor early) and every ``latency_check_every``-th, the others relying on the prediction."""
+        every, upcoming = self.latency_check_every, self.rebuilt + 1
+        return bool(every) and (every == 1 or upcoming <= 3 or upcoming % every == 0)
 
     def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
         if self.eval_fn is not None:

@@ -4,8 +4,8 @@ A short search should already start from the best one-shot answers. Two kinds of
 
 * **heuristic seeds** - the VBMF plan, optionally weakened VBMF, and the energy-threshold plans
   (``ranksearch.rank``), exactly as the heuristics give them;
-* **budget-fitted seeds** - a one-dimensional knob tuned by bisection so that the plan just meets
-  the budget: the energy threshold ``tau`` (ranks where the spectrum says), and, per method family,
+* **budget-fitted seeds** - a one-dimensional knob tuned so that the plan just meets the budget
+  (``ranksearch.fitting``: bisection on predicted, then on measured latency): the energy threshold ``tau`` (ranks where the spectrum says), and, per method family,
   one cost fraction shared by every layer (the "uniform ratio" plan). These are the plans a careful
   user would build by hand; the search starts from them and improves on them.
 
@@ -15,13 +15,13 @@ A choice is ``layer name -> (method, rank)``; layers not in it are kept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from .decompose.base import Rank
+from .fitting import Choices, Fit
 from .rank import default_method, suggest_rank
 from .space import LayerCandidates, SearchSpace
 
@@ -29,10 +29,10 @@ __all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS"]
 
 log = logging.getLogger("ranksearch.warmstart")
 
-Choices = dict[str, tuple[str, Rank]]
-
 #: energy thresholds of the heuristic seeds (besides VBMF)
 SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
+#: the range the budget-fitted energy threshold is searched in (tight budgets need low thresholds)
+ENERGY_FIT_RANGE = (0.15, 0.999)
 
 
 @dataclass(frozen=True)
@@ -74,33 +74,15 @@ def heuristic_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates],
             for origin, options in configs]
 
 
-def _largest_feasible(make: Callable[[float], Choices], feasible: Callable[[Choices], bool],
-                      low: float, high: float, steps: int = 12) -> Choices | None:
-    """Bisection for the largest knob value in [low, high] whose plan is feasible (cost grows with the knob)."""
-    if feasible(make(high)):
-        return make(high)
-    best = make(low)
-    if not feasible(best):
-        return None
-    for _ in range(steps):
-        mid = (low + high) / 2
-        choices = make(mid)
-        if feasible(choices):
-            low, best = mid, choices
-        else:
-            high = mid
-    return best
-
-
 def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], space: SearchSpace,
-                 feasible: Callable[[Choices], bool]) -> list[Seed]:
+                 fit: Fit) -> list[Seed]:
     """Plans tuned to just meet the budget: energy threshold, and one shared cost fraction per family."""
     seeds = []
 
     def energy_plan(tau: float) -> Choices:
         return _heuristic_choices(reference, searchable, space.round_to, heuristic="energy", tau=tau)
 
-    fitted = _largest_feasible(energy_plan, feasible, 0.30, 0.999)
+    fitted = fit(energy_plan, ENERGY_FIT_RANGE[0], ENERGY_FIT_RANGE[1])
     if fitted:
         seeds.append(Seed("seed:energy-fit", fitted))
 
@@ -115,7 +97,7 @@ def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], sp
                     choices[cand.spec.name] = (method, rank)
             return choices
 
-        fitted = _largest_feasible(uniform_plan, feasible, space.cost_fraction_low, space.cost_fraction_high)
+        fitted = fit(uniform_plan, space.cost_fraction_low, space.cost_fraction_high)
         if fitted:
             seeds.append(Seed(f"seed:uniform-{family}-fit", fitted))
     return seeds

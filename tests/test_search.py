@@ -177,3 +177,92 @@ def test_latency_target_through_a_user_latency_fn(digits_mlp, tmp_path, monkeypa
     assert result.final.latency_ms <= 0.6 * base * 1.05
     assert result.final.latency_ms == pytest.approx(latency_fn(result.model, (x,)))
     assert len(calls) > 10  # the per-layer table went through latency_fn too
+
+
+def test_measurement_not_the_per_layer_table_decides_the_latency_budget(digits_mlp, tmp_path, monkeypatch) -> None:
+    """Layers timed alone can mislead: here they look 3x cheaper than they are inside the model, so the
+    table promises too little saving. Plans fitted to the budget must still land just under the target,
+    not far below it, and every built plan must be judged by its measured latency."""
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path))
+    model, data = digits_mlp
+    x = data.x_test[:16]
+
+    def latency_fn(m: nn.Module, inputs) -> float:
+        whole_model = isinstance(m, nn.Sequential) and isinstance(m[0], nn.Flatten)
+        return count_flops(m, inputs) / 1e6 * (1.0 if whole_model else 1 / 3)
+
+    base = latency_fn(model, (x,))
+    target = 0.5 * base
+    result = ranksearch.optimize(model, x, target_latency_ms=target, latency_fn=latency_fn, n_trials=12, seed=0,
+                                 show_progress_bar=False, sensitivity=False,
+                                 eval_fn=lambda m: accuracy(m, data.x_test, data.y_test))
+    assert result.final.latency_ms <= target
+    trials = result.study.trials
+    built = [t for t in trials if "measured_latency_ms" in t.user_attrs]
+    assert built and all(t.constraints["latency"] == pytest.approx(t.user_attrs["measured_latency_ms"] / target - 1)
+                         for t in built)
+    fitted = [t for t in trials if t.user_attrs.get("seed", "").endswith("-fit")]
+    assert fitted and all(t.state == optuna.trial.TrialState.COMPLETE for t in fitted)
+    assert all(0.8 * target <= t.user_attrs["measured_latency_ms"] <= target for t in fitted)
+
+
+def test_sensitivity_table_is_reused_for_another_target(digits_mlp) -> None:
+    model, data = digits_mlp
+    calls = []
+
+    def eval_fn(m: nn.Module) -> float:
+        calls.append(1)
+        return accuracy(m, data.x_test, data.y_test)
+
+    first = ranksearch.optimize(model, data.x_test[:16], target_flops=0.4, n_trials=10, seed=0,
+                                show_progress_bar=False, eval_fn=eval_fn)
+    table = first.sensitivity
+    assert isinstance(table, ranksearch.SensitivityTable) and table.evaluations > 0
+    assert set(table.losses) <= {c.name for c in first.plan.layers} | set(table.losses)
+    calls.clear()
+    second = ranksearch.optimize(model, data.x_test[:16], target_flops=0.6, n_trials=10, seed=0,
+                                 show_progress_bar=False, eval_fn=eval_fn, sensitivity=table)
+    completed = [t for t in second.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(calls) == len(completed) + 2  # the original, the trials, the final answer: no per-layer scoring
+    assert any(t.user_attrs.get("seed", "").startswith("seed:sensitivity") for t in second.study.trials)
+    assert second.sensitivity is table
+
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    with pytest.raises(ranksearch.InvalidInputsError, match="another model"):
+        ranksearch.optimize(other, data.x_test[:16], target_flops=0.5, n_trials=2, show_progress_bar=False,
+                            sensitivity=table)
+    with pytest.raises(ranksearch.InvalidInputsError, match="sensitivity must be"):
+        ranksearch.optimize(model, data.x_test[:16], target_flops=0.5, n_trials=2, show_progress_bar=False,
+                            sensitivity="yes")
+
+
+def _runner_with_timer(timings: list[float], target_ms: float):
+    """A TrialRunner on a tiny model whose "measurements" come from ``timings`` in order."""
+    from ranksearch.cost.latency import LatencyMeasurement
+    from ranksearch.result import ModelStats
+    from ranksearch.targets import Targets
+    from ranksearch.trials import TrialRunner
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    space = ranksearch.load_space("default")
+    candidates = space.candidates(ranksearch.capture_layer_specs(model, (x,)))
+    calls = iter(timings)
+
+    def measure(_model: nn.Module) -> LatencyMeasurement:
+        return LatencyMeasurement(ms=next(calls), spread=0.0, iqr_ms=0.0, runs=5, device="cpu", threads=1)
+
+    return TrialRunner(
+        reference=model, inputs=(x,), candidates=candidates, space=space, targets=Targets(latency_ms=target_ms),
+        baseline=ModelStats(1.0, 0.0, 1000, 1000, 1.0), eval_fn=lambda m: 1.0, scorer=None, predictor=None,
+        measure=measure, fingerprint=ranksearch.model_fingerprint(model), latency_check_every=1,
+    )
+
+
+def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> None:
+    runner = _runner_with_timer([1.01, 0.97, 0.98, 0.50], target_ms=1.0)
+    plan = runner.make_plan({"0": ("svd", 4)}, "test")
+    assert runner.measured_latency(plan) == pytest.approx(0.98)  # 1.01 was within noise: median of three
+    assert runner.measured_latency(plan) == pytest.approx(0.98)  # cached: no fourth measurement
+    far = runner.make_plan({"0": ("svd", 2)}, "test")
+    assert runner.measured_latency(far) == pytest.approx(0.50)  # far from the target: one measurement

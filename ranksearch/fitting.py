@@ -1,0 +1,87 @@
+"""Fit a one-knob plan to the budget: the least compressed setting of the knob that still meets it.
+
+Several warm starts have one knob (an energy threshold, a shared cost fraction, a shared quality
+loss, a Lagrange multiplier) whose plans get cheaper monotonically as it moves one way. The plan
+wanted is the one at the boundary: as little compression as the budget allows.
+
+The boundary is found by bisection in two rounds: first on the *predicted* latency (free, but the
+per-layer table can be off by tens of percent inside the model), then on the *measured* latency of
+the whole model, starting from the predicted boundary, so a handful of measurements place it where
+the real model puts it. Without a latency target the budget is analytic and one round suffices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .decompose.base import Rank
+
+__all__ = ["Choices", "Fit", "boundary", "fit_to_budget"]
+
+#: layer name -> (method, rank); layers not in it are kept
+Choices = dict[str, tuple[str, Rank]]
+
+
+class Fit(Protocol):
+    """``fit(make, cheap, dear, integer=False)``: the plan ``make(knob)`` at the dearest knob value
+    in ``[cheap, dear]`` that meets the budget, or ``None`` when even ``make(cheap)`` misses it."""
+
+    def __call__(self, make: Callable[[float], Choices], cheap: float, dear: float, *,
+                 integer: bool = False) -> Choices | None: ...
+
+
+def boundary(make: Callable[[float], Choices], feasible: Callable[[Choices], bool], cheap: float, dear: float, *,
+             steps: int, start: float | None = None, integer: bool = False, check_dear: bool = True) -> float | None:
+    """The knob value nearest ``dear`` whose plan is feasible, by bisection between ``cheap`` and ``dear``.
+
+    ``make(cheap)`` is the most compressed plan; plans get dearer towards ``dear`` (the knob may
+    increase or decrease towards it). ``start`` is probed first (a guess of the answer), which
+    halves the bracket on the right side at once when the guess is good. ``integer`` knobs are
+    indices and are bisected to adjacent values. Returns ``None`` if no probed value is feasible,
+    ``make(cheap)`` included. ``check_dear=False`` skips probing ``dear`` itself (when it is known
+    to miss and a probe costs a measurement).
+    """
+    if check_dear and feasible(make(dear)):
+        return dear
+    good, bad = cheap, dear  # invariant: bad is infeasible; good is feasible once `good_known`
+    good_known = False
+    probes = [start] if start is not None and _between(start, cheap, dear) else []
+    for _ in range(steps):
+        if integer and abs(bad - good) <= 1:
+            break
+        probe = probes.pop() if probes else (good + bad) / 2
+        if integer:
+            probe = float(round(probe))
+            if probe in (good, bad):
+                break
+        if feasible(make(probe)):
+            good, good_known = probe, True
+        else:
+            bad = probe
+    if good_known:
+        return good
+    return cheap if feasible(make(cheap)) else None
+
+
+def _between(value: float, a: float, b: float) -> bool:
+    return min(a, b) < value < max(a, b)
+
+
+def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *,
+                  predicted_feasible: Callable[[Choices], bool],
+                  measured_feasible: Callable[[Choices], bool] | None,
+                  integer: bool = False, predicted_steps: int = 14, measured_steps: int = 8) -> Choices | None:
+    """Bisect on the prediction, then refine on measurement from there (see the module docstring).
+
+    ``measured_feasible`` is ``None`` when the budget is analytic (FLOPs, parameters): the first
+    round is then exact.
+    """
+    guess = boundary(make, predicted_feasible, cheap, dear, steps=predicted_steps, integer=integer)
+    if measured_feasible is None:
+        return make(guess) if guess is not None else None
+    # the prediction may be wrong either way: start the measured round at its answer (or at the
+    # cheap end when it saw nothing feasible - measurement may disagree)
+    found = boundary(make, measured_feasible, cheap, dear, steps=measured_steps, start=guess, integer=integer,
+                     check_dear=guess == dear)
+    return make(found) if found is not None else None

@@ -1,0 +1,132 @@
+"""Local moves around the best plan so far, tried between the sampler's own trials.
+
+With a tight budget most of the plan space breaks it, and a sampler exploring the whole space
+spends many trials on plans that are pruned. The best plans are usually close to the best one
+found so far (a fitted seed, typically), so every other trial after the seeds is a *neighbour* of
+the best feasible trial, queued into the Optuna study with its exact ranks:
+
+* an **exchange** moves budget between two layers: one gets a higher cost fraction (or is kept),
+  another a lower one (or is compressed when it was kept), so the latency stays about the same;
+* a **switch** gives one compressed layer another method at the same cost fraction.
+
+Moves act on the plan's exact (method, rank) choices, not on the sampler's rounded parameters, so a
+neighbour of a plan fitted tightly to the budget differs from it only where it was moved. The
+sampler still proposes the other trials, so the search keeps exploring; a neighbour that breaks
+the budget is pruned like any other trial.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import optuna
+
+from .fitting import Choices
+from .space import LayerCandidates, SearchSpace
+from .study import best_feasible, plan_of
+from .warmstart import Seed
+
+if TYPE_CHECKING:
+    from .trials import TrialRunner
+
+__all__ = ["NeighbourMoves", "neighbour_choices"]
+
+
+def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
+                      rng: np.random.Generator) -> Choices:
+    """A copy of ``choices`` with one or two exchanges, and sometimes a method switch.
+
+    Moves can cancel out (or hit the edge of the grid); those are drawn again, so the result
+    differs from ``choices`` unless no move can change it.
+    """
+    moved = dict(choices)
+    for _ in range(20):
+        moved = _move(choices, searchable, space, rng)
+        if moved != choices:
+            break
+    return moved
+
+
+def _move(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
+          rng: np.random.Generator) -> Choices:
+    out = dict(choices)
+    by_name = {c.spec.name: c for c in searchable}
+    names = list(by_name)
+    low, high, step = space.cost_fraction_low, space.cost_fraction_high, space.cost_fraction_step
+
+    def fraction(name: str) -> float | None:
+        if name not in out:
+            return None
+        method, rank = out[name]
+        return space.cost_fraction_of(by_name[name].spec, method, rank)
+
+    def set_fraction(name: str, value: float | None, method: str | None = None) -> None:
+        cand = by_name[name]
+        if value is None:
+            out.pop(name, None)
+            return
+        if method is None:
+            method = out[name][0] if name in out else cand.methods[int(rng.integers(len(cand.methods)))]
+        rank = space.rank_for(cand.spec, method, min(high, max(low, value)))
+        if rank is None:
+            out.pop(name, None)
+        else:
+            out[name] = (method, rank)
+
+    for _ in range(int(rng.integers(1, 3))):  # one or two exchanges
+        if len(names) < 2:
+            break
+        up, down = (names[i] for i in rng.choice(len(names), size=2, replace=False))
+        steps = int(rng.integers(1, 3)) * step
+        now_up, now_down = fraction(up), fraction(down)
+        if now_up is not None:  # spend more on `up`: a larger fraction, or keep it past the top
+            set_fraction(up, None if now_up + steps > high + 1e-9 else now_up + steps)
+        # ...and less on `down`: a smaller fraction, or compress it if it was kept
+        set_fraction(down, high if now_down is None else max(low, now_down - steps))
+    switchable = [n for n in out if len(by_name[n].methods) > 1]
+    if switchable and rng.random() < 0.3:
+        name = switchable[int(rng.integers(len(switchable)))]
+        others = [m for m in by_name[name].methods if m != out[name][0]]
+        set_fraction(name, fraction(name), method=others[int(rng.integers(len(others)))])
+    return out
+
+
+def _key(choices: Choices) -> str:
+    return json.dumps(sorted((name, m, str(r)) for name, (m, r) in choices.items()))
+
+
+class NeighbourMoves:
+    """Optuna callback: after every other finished trial, queue a neighbour of the best feasible one.
+
+    Args:
+        runner: the search's trial runner (layers, space, and how a plan is queued).
+        total: trials wanted; nothing is queued for trials past it.
+        seed: makes the moves reproducible.
+    """
+
+    def __init__(self, runner: TrialRunner, total: int, seed: int | None = None) -> None:
+        self.runner = runner
+        self.total = total
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+        if waiting or len(trials) >= self.total or "neighbour_of" in trial.user_attrs:
+            return  # seeds first; then neighbours alternate with the sampler's trials
+        best = best_feasible(trials)
+        if not best:
+            return
+        runner = self.runner
+        parent = {c.name: (c.method, c.rank) for c in plan_of(best[0], runner.fingerprint).replaced}
+        tried = {_key({c.name: (c.method, c.rank) for c in plan_of(t, runner.fingerprint).replaced})
+                 for t in trials if "plan" in t.user_attrs}
+        for _ in range(10):  # a move can land on a plan already tried; try another
+            choices = neighbour_choices(parent, runner.searchable, runner.space, self.rng)
+            if _key(choices) not in tried:
+                runner.enqueue(study, Seed("neighbour", choices), neighbour_of=best[0].number)
+                return
+

@@ -1,0 +1,72 @@
+"""ranksearch.fitting: one-knob plans fitted to the budget, first on prediction, then on measurement."""
+
+from __future__ import annotations
+
+import pytest
+
+from ranksearch.fitting import boundary, fit_to_budget
+
+
+def _plan(knob: float) -> dict:
+    # the knob is the plan's "cost": a plan is a dict so the fitting code can pass it around
+    return {"layer": ("svd", knob)}
+
+
+def _threshold(limit: float, calls: list | None = None):
+    def feasible(choices: dict) -> bool:
+        if calls is not None:
+            calls.append(choices["layer"][1])
+        return choices["layer"][1] <= limit
+    return feasible
+
+
+def test_boundary_finds_the_dearest_feasible_knob_either_direction() -> None:
+    up = boundary(_plan, _threshold(0.37), 0.0, 1.0, steps=14)
+    assert up is not None and 0.37 - 1e-3 < up <= 0.37
+    # knob decreasing towards the dear end: feasible when knob >= 0.37
+    down = boundary(_plan, lambda c: c["layer"][1] >= 0.37, 1.0, 0.0, steps=14)
+    assert down is not None and 0.37 <= down < 0.37 + 1e-3
+
+
+def test_boundary_ends() -> None:
+    assert boundary(_plan, _threshold(2.0), 0.0, 1.0, steps=5) == 1.0  # everything feasible: the dear end
+    assert boundary(_plan, _threshold(-1.0), 0.0, 1.0, steps=5) is None  # nothing feasible
+    assert boundary(_plan, _threshold(0.0), 0.0, 1.0, steps=5) == 0.0  # only the cheap end
+
+
+def test_integer_knob_stops_at_adjacent_indices() -> None:
+    calls: list = []
+    found = boundary(_plan, _threshold(6, calls), 0, 40, steps=50, integer=True)
+    assert found == 6
+    assert all(float(c).is_integer() for c in calls) and len(calls) <= 8
+
+
+def test_measured_round_corrects_a_wrong_prediction_in_few_measurements() -> None:
+    measured: list = []
+    # the prediction is pessimistic: it says the budget ends at 0.40; measured, it ends at 0.55
+    choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.40),
+                            measured_feasible=_threshold(0.55, measured), measured_steps=6)
+    assert choices is not None
+    knob = choices["layer"][1]
+    assert knob <= 0.55 and knob > 0.55 - 0.6 / 2 ** 5  # the bracket [0.40, 1.0] halved five times
+    assert len(measured) <= 7
+    assert measured[0] == pytest.approx(0.40, abs=1e-3)  # the first measurement checks the prediction's answer
+    assert 1.0 not in measured  # the dear end is not measured when the prediction rules it out
+
+
+def test_optimistic_prediction_is_corrected_downwards() -> None:
+    choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.7),
+                            measured_feasible=_threshold(0.3), measured_steps=8)
+    assert choices is not None and 0.3 - 0.01 < choices["layer"][1] <= 0.3
+
+
+def test_measurement_can_find_a_plan_the_prediction_rules_out() -> None:
+    choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(-1.0),
+                            measured_feasible=_threshold(0.2), measured_steps=8)
+    assert choices is not None and choices["layer"][1] <= 0.2
+
+
+def test_analytic_budget_uses_one_round() -> None:
+    choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.42), measured_feasible=None)
+    assert choices is not None and 0.42 - 1e-3 < choices["layer"][1] <= 0.42
+    assert fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(-1.0), measured_feasible=None) is None

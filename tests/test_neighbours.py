@@ -1,0 +1,64 @@
+"""ranksearch.neighbours: local moves around the best plan, alternating with the sampler's trials."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import ranksearch
+from ranksearch.layers import capture_layer_specs
+from ranksearch.neighbours import neighbour_choices
+from ranksearch.space import load_space
+
+
+@pytest.fixture(scope="module")
+def conv_candidates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).eval()
+    space = load_space("convnet")
+    specs = capture_layer_specs(model, (torch.randn(1, 3, 8, 8),))
+    return [c for c in space.candidates(specs) if c.searchable], space
+
+
+def test_moves_change_few_layers_and_stay_in_the_space(conv_candidates) -> None:
+    searchable, space = conv_candidates
+    choices = {c.spec.name: (c.methods[0], space.rank_for(c.spec, c.methods[0], 0.5)) for c in searchable[1:]}
+    original = dict(choices)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        moved = neighbour_choices(choices, searchable, space, rng)
+        assert moved != choices
+        changed = {n for n in set(moved) | set(choices) if moved.get(n) != choices.get(n)}
+        assert 1 <= len(changed) <= 5  # two exchanges and a switch at most
+        for cand in searchable:
+            if cand.spec.name in moved:
+                method, rank = moved[cand.spec.name]
+                assert method in cand.methods
+                assert space.cost_fraction_of(cand.spec, method, rank) < 1.0
+    assert choices == original  # the input is not modified
+
+
+def test_neighbours_alternate_with_sampled_trials_after_the_seeds() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
+                          nn.Linear(96, 10)).eval()
+    x = torch.randn(32, 1, 8, 8)
+    result = ranksearch.optimize(model, x, target_flops=0.5, n_trials=24, seed=0, show_progress_bar=False,
+                                 sensitivity=False)
+    trials = result.study.trials
+    kinds = ["seed" if "seed" in t.user_attrs else "neighbour" if "neighbour_of" in t.user_attrs else "sampled"
+             for t in trials]
+    first_other = next(i for i, k in enumerate(kinds) if k != "seed")
+    assert all(k == "seed" for k in kinds[:first_other]) and "seed" not in kinds[first_other:]
+    after = kinds[first_other:]
+    assert after.count("neighbour") >= len(after) // 2 - 1
+    assert all(not (a == b == "neighbour") for a, b in zip(after, after[1:]))
+    for t in trials:
+        if "neighbour_of" in t.user_attrs:
+            parent = trials[t.user_attrs["neighbour_of"]]
+            assert parent.state == optuna.trial.TrialState.COMPLETE and parent.number < t.number
+            assert t.params != parent.params
