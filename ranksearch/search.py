@@ -15,8 +15,9 @@ How a search runs:
    model's latency is measured; that measurement decides feasibility and calibrates the latency
    predictor. Feasible trials are scored. After the seeds, every other trial is a neighbour of the
    best feasible plan so far (``ranksearch.neighbours``); the sampler proposes the others.
-6. The best feasible plan is rebuilt from the original and its latency measured again; if it
-   misses the target, the next best is tried; if none meets it, TargetUnreachableError says so.
+6. The best feasible plan is rebuilt from the original and its latency measured again, alternately
+   with the original so that the machine's drift during the search cancels out; if it misses the
+   target, the next best is tried; if none meets it, TargetUnreachableError says so.
 
 The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
 latency target is set), so its Pareto front answers other budgets too.
@@ -29,7 +30,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import optuna
@@ -268,7 +269,7 @@ def optimize(
         progress.close()
 
     try:
-        result = _finish(study, search, targets, baseline, measure, latency_tolerance)
+        result = _finish(study, search, targets, baseline, latency_tolerance)
     except TargetUnreachableError as exc:
         exc.sensitivity = table  # still reusable for a looser target
         raise
@@ -317,12 +318,13 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
 
 
 def _finish(
-    study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats,
-    measure: Callable[[nn.Module], Any], tolerance: float, max_verifications: int = 10,
+    study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats, tolerance: float,
+    max_verifications: int = 10,
 ) -> SearchResult:
     """Pick the best feasible plan whose measured latency really meets the target.
 
-    Candidates are tried best quality first. Each measurement also calibrates the latency predictor,
+    Candidates are tried best quality first, each rebuilt from the original and timed alternately
+    with it (``TrialRunner.verified_latency``). Each measurement also calibrates the latency predictor,
     so after a miss the remaining candidates are re-predicted and those now predicted to miss are
     skipped without being measured.
     """
@@ -346,12 +348,12 @@ def _finish(
         trial = remaining.pop(0)
         plan = plan_of(trial, search.fingerprint)
         model = apply_plan(search.reference, plan).eval()
-        measured = measure(model)
+        measured_ms, spread = search.verified_latency(model)
         if search.predictor is not None:
-            search.predictor.record(plan, measured.ms)
-        checked.append((measured.ms, trial))
-        if targets.latency_ms is None or measured.ms <= targets.latency_ms * (1 + tolerance):
-            final = ModelStats(measured.ms, measured.spread, count_flops(model, search.inputs), count_params(model),
+            search.predictor.record(plan, measured_ms)
+        checked.append((measured_ms, trial))
+        if targets.latency_ms is None or measured_ms <= targets.latency_ms * (1 + tolerance):
+            final = ModelStats(measured_ms, spread, count_flops(model, search.inputs), count_params(model),
                                search.score(model))
             plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number, "study": study.study_name,
                                   "baseline": baseline.to_dict(), "final": final.to_dict(),
@@ -364,7 +366,7 @@ def _finish(
                 prediction_error=search.predictor.error_summary() if search.predictor is not None else None,
             )
         log.info("trial %d: measured %.3f ms misses the %.3f ms target; trying the next best plan",
-                 trial.number, measured.ms, targets.latency_ms)
+                 trial.number, measured_ms, targets.latency_ms)
     # nothing met the budget: report the best achievable
     best_plan, best_ms = None, None
     if checked:

@@ -159,6 +159,22 @@ class TrialRunner:
                 self.predictor.record(plan, ms)
         return self._measured[key]
 
+    def verified_latency(self, model: nn.Module, rounds: int = 3) -> tuple[float, float]:
+        """The final check of a model's latency: ``(ms, spread)``, timed alternately with the original.
+
+        A search takes minutes, and a machine's speed drifts over minutes (other work, clocks,
+        heat). Alternating with the original and scaling the median ratio by the original's latency
+        at the start of the search cancels that drift, so the answer is compared with the target
+        under the conditions the target was set in. ``spread`` is the range of the per-round ratios
+        over their median.
+        """
+        ratios = []
+        for _ in range(rounds):
+            original = self.measure(self.reference).ms
+            ratios.append(self.measure(model).ms / original)
+        ratio = statistics.median(ratios)
+        return ratio * self.baseline.latency_ms, (max(ratios) - min(ratios)) / ratio
+
     def prune_margin(self) -> float:
         """How far over the target a *predicted* latency may be and the plan still gets measured:
         twice the predictor's recent error, within [10%, 40%] (40% before it has been checked)."""
