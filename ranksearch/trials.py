@@ -42,6 +42,8 @@ log = logging.getLogger("ranksearch.search")
 
 # A measured latency this close to the target (relative) is measured again before it decides.
 _NEAR_TARGET = 0.04
+# The original is timed again after this many seconds, to follow the machine's drift.
+_DRIFT_INTERVAL_S = 20.0
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -81,6 +83,8 @@ class TrialRunner:
         self.evaluated = 0  # trials scored
         self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
         self._measured: dict[str, float] = {}  # plan key -> measured latency, ms
+        self._reference_ms = [baseline.latency_ms]  # the original's timings, for drift()
+        self._drift_checked = time.monotonic()
 
     # -- plans ----------------------------------------------------------------------------------
 
@@ -138,8 +142,8 @@ class TrialRunner:
                              integer=integer)
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None) -> float:
-        """The whole model's latency under ``plan``, measured once per distinct plan; each new
-        measurement also calibrates the predictor.
+        """The whole model's latency under ``plan``, measured once per distinct plan and corrected for
+        the machine's drift (:meth:`drift`); each new measurement also calibrates the predictor.
 
         A measurement within its own noise of the latency target (twice its spread, at least
         ``_NEAR_TARGET``) cannot say on which side the plan is: it is measured twice more and the
@@ -150,14 +154,29 @@ class TrialRunner:
             if model is None:
                 model = self.workbench.apply(plan)
             first = self.measure(model)
-            ms = first.ms
+            drift = self.drift()
+            ms = first.ms / drift
             target = self.targets.latency_ms
             if target is not None and abs(ms - target) / target < max(2 * first.spread, _NEAR_TARGET):
-                ms = statistics.median([ms, self.measure(model).ms, self.measure(model).ms])
+                ms = statistics.median([first.ms, self.measure(model).ms, self.measure(model).ms]) / drift
             self._measured[key] = ms
             if self.predictor is not None:
                 self.predictor.record(plan, ms)
         return self._measured[key]
+
+    def drift(self) -> float:
+        """How much slower the machine runs the original now than when the search started.
+
+        Speed drifts over the minutes a search takes (other work, clocks, heat), and latency targets
+        are set against the original's latency at the start. So the original is timed again at most
+        every ``_DRIFT_INTERVAL_S`` seconds, and measurements are divided by the median of its last
+        three timings over the first.
+        """
+        now = time.monotonic()
+        if now - self._drift_checked > _DRIFT_INTERVAL_S:
+            self._reference_ms.append(self.measure(self.reference).ms)
+            self._drift_checked = now
+        return statistics.median(self._reference_ms[-3:]) / self.baseline.latency_ms
 
     def verified_latency(self, model: nn.Module, rounds: int = 3) -> tuple[float, float]:
         """The final check of a model's latency: ``(ms, spread)``, timed alternately with the original.
@@ -316,7 +335,7 @@ class TrialRunner:
             if not choices:
                 continue
             plan = self.make_plan(choices, "calibration")
-            measured = self.measure(self.workbench.apply(plan)).ms
+            measured = self.measure(self.workbench.apply(plan)).ms / self.drift()
             log.debug("calibration plan at cost fraction %.2f: predicted %.3f ms, measured %.3f ms",
                       fraction, self.predictor.predict(plan), measured)
             self.predictor.record(plan, measured)

@@ -274,3 +274,15 @@ def test_final_check_cancels_the_machines_drift() -> None:
     ms, spread = runner.verified_latency(nn.Identity())
     assert ms == pytest.approx(0.5)  # median of the ratios 0.50, 0.545, 0.50, times 1.0 ms
     assert spread == pytest.approx((1.2 / 2.2 - 0.5) / 0.5)
+
+
+def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:
+    import ranksearch.trials
+
+    monkeypatch.setattr(ranksearch.trials, "_DRIFT_INTERVAL_S", 0.0)  # time the original at every measurement
+    # the original took 1.0 ms at the start; from now on it takes 2.0 ms: plans are timed at 1.0 ms
+    runner = _runner_with_timer([1.0, 2.0, 1.0, 2.0], target_ms=10.0)
+    first = runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test"))
+    second = runner.measured_latency(runner.make_plan({"0": ("svd", 2)}, "test"))
+    assert first == pytest.approx(1.0 / 1.5)  # the median of the original's timings so far: 1.0 and 2.0
+    assert second == pytest.approx(0.5)  # now the median of 1.0, 2.0, 2.0: twice as slow as at the start
