@@ -555,7 +555,7 @@ class Benchmark:
                        quality_memo: dict[str, Quality]) -> tuple[Row, SearchStats | None]:
         task, model = setting.task, setting.task.model
         row = Row(task.name, setting.batch, target, "ranksearch")
-        trials = self.args.trials or (30 if self.quick else (60 if task.name == "cnn" else 30))
+        trials = self.args.trials or (30 if self.quick else (40 if task.name == "cnn" else 30))
         base_ms = cpu_latency_ms(model, setting.inputs, 0.2)
         stats = SearchStats(task.name, setting.batch, target)
         records = _LogRecorder()
@@ -1014,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=None,
                         help="comma-separated latency ratios (default 0.7,0.5,0.35; quick 0.5)")
     parser.add_argument("--trials", type=int, default=None,
-                        help="ranksearch trials (default 60 CNN / 30 MiniLM; quick 30)")
+                        help="ranksearch trials (default 40 CNN / 30 MiniLM; quick 30)")
     parser.add_argument("--batch1-only", action="store_true", help="time batch 1 only (skip the server batch)")
     parser.add_argument("--skip-aimet", action="store_true")
     parser.add_argument("--skip-tltorch", action="store_true")

@@ -71,7 +71,7 @@ def _between(value: float, a: float, b: float) -> bool:
 def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *,
                   predicted_feasible: Callable[[Choices], bool],
                   measured_feasible: Callable[[Choices], bool] | None,
-                  integer: bool = False, predicted_steps: int = 14, measured_steps: int = 8) -> Choices | None:
+                  integer: bool = False, predicted_steps: int = 14, measured_steps: int = 6) -> Choices | None:
     """Bisect on the prediction, then refine on measurement from there (see the module docstring).
 
     ``measured_feasible`` is ``None`` when the budget is analytic (FLOPs, parameters): the first

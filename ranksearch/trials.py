@@ -178,7 +178,7 @@ class TrialRunner:
             self._drift_checked = now
         return statistics.median(self._reference_ms[-3:]) / self.baseline.latency_ms
 
-    def verified_latency(self, model: nn.Module, rounds: int = 3) -> tuple[float, float]:
+    def verified_latency(self, model: nn.Module, rounds: int = 5) -> tuple[float, float]:
         """The final check of a model's latency: ``(ms, spread)``, timed alternately with the original.
 
         A search takes minutes, and a machine's speed drifts over minutes (other work, clocks,
