@@ -629,7 +629,9 @@ class Benchmark:
                 row.note = _join(row.note, f"measured {row.latency.ratio:.2f}; no plan on the Pareto front fits")
                 break
             point = max(fitting, key=lambda p: p.score)
-            row.note = _join(row.note, f"measured {row.latency.ratio:.2f}: took trial {point.trial} from the "
+            searched_ratio = searched_ms / result.baseline.latency_ms
+            row.note = _join(row.note, f"trial {chosen} measured {row.latency.ratio:.2f} here, "
+                                       f"{searched_ratio:.2f} in the search: took trial {point.trial} from the "
                                        "Pareto front")
             plan, chosen = point.plan, point.trial
             searched_ms = point.measured_latency_ms or point.latency_ms

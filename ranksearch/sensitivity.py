@@ -7,8 +7,8 @@ can be reused, see :class:`SensitivityTable`). Two warm-start plans come out of 
 
 * **threshold** - AIMET's greedy compression-ratio selection: one quality loss shared by all
   layers; each layer takes its cheapest option within that loss, and the loss is bisected until
-  the whole model meets the budget (on predicted, then measured latency: ``ranksearch.fitting``). (AIMET does this with spatial SVD only; here every method the
-  space allows competes per layer.)
+  the whole model meets the budget (on predicted, then measured latency: ``ranksearch.fitting``).
+  (AIMET does this with spatial SVD only; here every method the space allows competes per layer.)
 * **lagrangian** - minimises the summed loss under the budget (a multiple-choice knapsack, solved by
   Lagrangian relaxation: each layer picks ``argmin loss + lambda * cost`` and ``lambda`` is
   bisected), which spends more on the layers that tolerate it.
