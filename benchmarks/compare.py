@@ -7,7 +7,10 @@ For each model, each latency batch size and each target (measured latency 0.7x, 
 the original), every method builds a compressed model:
 
 * **ranksearch** - ``ranksearch.optimize`` with a fixed trial budget and seed, scoring plans on a
-  validation split (``eval_fn``);
+  validation split (``eval_fn``); the per-layer sensitivity table is measured by a model's first
+  search and reused by the others (its time counted in each row); when the interleaved check
+  misses, the best plan on ``result.pareto`` that meets the corrected target is taken, as a
+  baseline's knob is retuned;
 * **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
   bisected until the measured latency just meets the target;
 * **vbmf** - the VBMF plan (Kim et al. 2016), as it comes: no knob, the same plan at every target;
