@@ -102,6 +102,7 @@ def optimize(
     example_inputs: Any = None,
     *,
     target_latency_ms: float | None = None,
+    target_latency_ratio: float | None = None,
     target_flops: float | int | None = None,
     target_params: float | int | None = None,
     eval_fn: EvalFn | None = None,
@@ -128,6 +129,10 @@ def optimize(
         example_inputs: a tensor or tuple of tensors the model takes; inferred from ``calib_data`` or a
             first ``Linear``/``Embedding`` layer when omitted, otherwise required.
         target_latency_ms: latency budget, measured on ``device`` (or by ``latency_fn``).
+        target_latency_ratio: latency budget as a fraction in (0, 1] of the original's latency, as this
+            search times it at its start (e.g. 0.5 for a 2x speed-up). Use it instead of
+            ``target_latency_ms`` when the budget is a speed-up: a millisecond target taken from another
+            timing of the original inherits that timing's noise.
         target_flops: FLOP budget: a float in (0, 1] is a fraction of the original, an int an absolute count
             (multiply-adds, fvcore's convention).
         target_params: parameter budget, same convention.
@@ -172,7 +177,16 @@ def optimize(
         >>> result.plan.save("plan.json"); print(result.summary())
     """
     check_module(model)
-    Targets.require_one(target_latency_ms, target_flops, target_params)
+    if target_latency_ratio is not None:
+        if target_latency_ms is not None:
+            raise InvalidTargetError("give target_latency_ms or target_latency_ratio, not both")
+        if (isinstance(target_latency_ratio, bool) or not isinstance(target_latency_ratio, (int, float))
+                or not 0 < target_latency_ratio <= 1):
+            raise InvalidTargetError(
+                f"target_latency_ratio must be a fraction in (0, 1] of the original's latency, got {target_latency_ratio!r}"
+            )
+    Targets.require_one(target_latency_ms if target_latency_ratio is None else target_latency_ratio,
+                        target_flops, target_params)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise InvalidTargetError(f"n_trials must be a positive int, got {n_trials!r}")
     space = load_space(search_space)
@@ -207,6 +221,8 @@ def optimize(
     base_flops, base_params = count_flops(reference, inputs), count_params(reference)
     base_score = checked_score(eval_fn, reference) if eval_fn is not None else scorer(reference).score  # type: ignore[misc]
     baseline = ModelStats(base_latency.ms, base_latency.spread, base_flops, base_params, base_score)
+    if target_latency_ratio is not None:
+        target_latency_ms = target_latency_ratio * baseline.latency_ms
     targets = Targets.parse(latency_ms=target_latency_ms, flops=target_flops, params=target_params,
                             baseline_flops=base_flops, baseline_params=base_params)
 
@@ -214,7 +230,10 @@ def optimize(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
     cost_key = "latency_ms" if targets.latency_ms is not None else ("flops" if targets.flops is not None else "params")
-    identity = {"model": fingerprint["digest"], "space": space.digest, "targets": targets.as_dict(),
+    budget = targets.as_dict()
+    if target_latency_ratio is not None:  # a resumed search times the original again: keep the ratio
+        budget = {**budget, "latency_ms": None, "latency_ratio": float(target_latency_ratio)}
+    identity = {"model": fingerprint["digest"], "space": space.digest, "targets": budget,
                 "objectives": ["quality", cost_key]}
     with quiet_optuna():
         study = open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)

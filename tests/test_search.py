@@ -286,3 +286,26 @@ def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:
     second = runner.measured_latency(runner.make_plan({"0": ("svd", 2)}, "test"))
     assert first == pytest.approx(1.0 / 1.5)  # the median of the original's timings so far: 1.0 and 2.0
     assert second == pytest.approx(0.5)  # now the median of 1.0, 2.0, 2.0: twice as slow as at the start
+
+
+def test_latency_target_as_a_ratio_of_the_originals_latency(digits_mlp, tmp_path) -> None:
+    model, data = digits_mlp
+    x = data.x_test[:16]
+
+    def latency_fn(m: nn.Module, inputs) -> float:  # deterministic: the test is about the target's bookkeeping
+        return count_flops(m, inputs) / 1e6
+
+    storage = f"sqlite:///{tmp_path / 'ratio.db'}"
+    kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, seed=0, show_progress_bar=False,
+                  sensitivity=False, storage=storage, study_name="ratio")
+    result = ranksearch.optimize(model, x, n_trials=6, **kwargs)
+    assert result.targets["latency_ms"] == pytest.approx(0.5 * result.baseline.latency_ms)
+    assert result.final.latency_ms <= 0.5 * result.baseline.latency_ms * 1.05
+    resumed = ranksearch.optimize(model, x, n_trials=8, **kwargs)  # the study records the ratio, not the ms
+    assert len(resumed.study.trials) == 8
+
+    with pytest.raises(ranksearch.InvalidTargetError, match="not both"):
+        ranksearch.optimize(model, x, target_latency_ms=1.0, target_latency_ratio=0.5)
+    for bad in (0.0, 1.5, "half", True):
+        with pytest.raises(ranksearch.InvalidTargetError, match="target_latency_ratio"):
+            ranksearch.optimize(model, x, target_latency_ratio=bad)
