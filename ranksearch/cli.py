@@ -158,6 +158,9 @@ def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> N
     targets = parser.add_argument_group("targets (at least one)")
     targets.add_argument("--target-latency-ms", metavar="MS", type=_positive_float,
                          help="latency budget in milliseconds per forward pass on --device, measured")
+    targets.add_argument("--target-latency-ratio", metavar="R", type=_positive_float,
+                         help="latency budget as a fraction in (0, 1] of the original's latency, as the search "
+                              "times it (0.5: twice as fast)")
     targets.add_argument("--target-flops", metavar="X", type=_budget,
                          help="FLOP budget: a fraction in (0, 1] of the original (0.5) or an absolute count of "
                               "multiply-adds (2e6)")
@@ -332,8 +335,10 @@ def _example_inputs(args: argparse.Namespace, model: Any) -> Any:
 
 
 def _check_targets(args: argparse.Namespace) -> None:
-    if args.target_latency_ms is None and args.target_flops is None and args.target_params is None:
-        raise _UsageError("give at least one target: --target-latency-ms, --target-flops or --target-params")
+    if all(v is None for v in (args.target_latency_ms, args.target_latency_ratio, args.target_flops,
+                               args.target_params)):
+        raise _UsageError("give at least one target: --target-latency-ms, --target-latency-ratio, --target-flops "
+                          "or --target-params")
 
 
 def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -360,7 +365,8 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
     calib = load_calibration(args.calib_data) if args.calib_data else None
     try:
         result = optimize(
-            model, inputs, target_latency_ms=args.target_latency_ms, target_flops=args.target_flops,
+            model, inputs, target_latency_ms=args.target_latency_ms, target_latency_ratio=args.target_latency_ratio,
+            target_flops=args.target_flops,
             target_params=args.target_params, eval_fn=eval_fn, calib_data=calib, n_trials=args.trials,
             timeout=args.timeout, search_space=space, storage=storage, study_name=args.study_name,
             device=args.device, seed=args.seed, show_progress_bar=not args.no_progress,

@@ -221,6 +221,10 @@ def _state_dict(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("argv", "code", "expected"), [
     (["optimize", FACTORY, "--input-shape", "4,32"], 2, "give at least one target"),
+    (["optimize", FACTORY, "--input-shape", "4,32", "--target-latency-ratio", "1.5"], 1,
+     "target_latency_ratio must be a fraction in (0, 1]"),
+    (["optimize", FACTORY, "--input-shape", "4,32", "--target-latency-ratio", "0.5", "--target-latency-ms", "1"], 1,
+     "not both"),
     (["optimize", FACTORY, "--input-shape", "4,-2", "--target-flops", "0.5"], 2, "bad shape '4,-2'"),
     (["optimize", FACTORY, "--target-flops", "zero"], 2, "'zero' is not a number"),
     (["optimize", FACTORY, "--target-flops", "0.5", "--search-space", "nope"], 1, "unknown search space 'nope'"),
