@@ -12,15 +12,21 @@ the real model puts it. Without a latency target the budget is analytic and one 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Protocol
 
 from .decompose.base import Rank
 
-__all__ = ["Choices", "Fit", "boundary", "fit_to_budget"]
+__all__ = ["Choices", "Fit", "boundary", "choices_key", "fit_to_budget"]
 
 #: layer name -> (method, rank); layers not in it are kept
 Choices = dict[str, tuple[str, Rank]]
+
+
+def choices_key(choices: Choices) -> str:
+    """A string that is equal for equal choices, whatever their order (for caches and duplicate checks)."""
+    return json.dumps(sorted((name, method, str(rank)) for name, (method, rank) in choices.items()))
 
 
 class Fit(Protocol):

@@ -17,14 +17,13 @@ the budget is pruned like any other trial.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 
-from .fitting import Choices
+from .fitting import Choices, choices_key
 from .space import LayerCandidates, SearchSpace
 from .study import best_feasible, plan_of
 from .warmstart import Seed
@@ -94,10 +93,6 @@ def _move(choices: Choices, searchable: Sequence[LayerCandidates], space: Search
     return out
 
 
-def _key(choices: Choices) -> str:
-    return json.dumps(sorted((name, m, str(r)) for name, (m, r) in choices.items()))
-
-
 class NeighbourMoves:
     """Optuna callback: after every other finished trial, queue a neighbour of the best feasible one.
 
@@ -122,11 +117,11 @@ class NeighbourMoves:
             return
         runner = self.runner
         parent = {c.name: (c.method, c.rank) for c in plan_of(best[0], runner.fingerprint).replaced}
-        tried = {_key({c.name: (c.method, c.rank) for c in plan_of(t, runner.fingerprint).replaced})
+        tried = {choices_key({c.name: (c.method, c.rank) for c in plan_of(t, runner.fingerprint).replaced})
                  for t in trials if "plan" in t.user_attrs}
         for _ in range(10):  # a move can land on a plan already tried; try another
             choices = neighbour_choices(parent, runner.searchable, runner.space, self.rng)
-            if _key(choices) not in tried:
+            if choices_key(choices) not in tried:
                 runner.enqueue(study, Seed("neighbour", choices), neighbour_of=best[0].number)
                 return
 

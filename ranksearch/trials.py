@@ -12,7 +12,6 @@ plans within budget are scored.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -24,7 +23,7 @@ from torch import nn
 
 from .cost import LatencyPredictor
 from .exceptions import EvaluationError
-from .fitting import Choices, fit_to_budget
+from .fitting import Choices, choices_key, fit_to_budget
 from .plan import KEEP, CompressionPlan, LayerChoice
 from .quality import FidelityScorer, checked_score
 from .result import ModelStats
@@ -50,10 +49,6 @@ EvalFn = Callable[[nn.Module], float]
 
 def _param_names(name: str) -> tuple[str, str]:
     return f"{name}.method", f"{name}.cost_fraction"
-
-
-def _plan_key(plan: CompressionPlan) -> str:
-    return json.dumps(sorted((c.name, c.method, str(c.rank)) for c in plan.replaced))
 
 
 class TrialRunner:
@@ -149,7 +144,7 @@ class TrialRunner:
         ``_NEAR_TARGET``) cannot say on which side the plan is: it is measured twice more and the
         median decides. Those are the plans the search wants most, right at the budget.
         """
-        key = _plan_key(plan)
+        key = choices_key({c.name: (c.method, c.rank) for c in plan.replaced})
         if key not in self._measured:
             if model is None:
                 model = self.workbench.apply(plan)
@@ -221,7 +216,7 @@ class TrialRunner:
         found = vbmf + allocated + fitted + energy
         unique: dict[str, Seed] = {}
         for seed in found:
-            unique.setdefault(json.dumps(sorted((k, m, str(r)) for k, (m, r) in seed.choices.items())), seed)
+            unique.setdefault(choices_key(seed.choices), seed)
         return list(unique.values())
 
     def seed_params(self, seed: Seed) -> dict[str, Any]:
