@@ -188,6 +188,9 @@ def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> N
                         help="seed for the sampler and the random inputs (reproducible searches)")
     search.add_argument("--threads", metavar="N", type=_positive_int,
                         help="torch intra-op threads (latency is measured with this many)")
+    search.add_argument("--latency-clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
+                             "waiting for a busy machine's cores (CPU with --threads 1 only)")
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -369,7 +372,8 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
             target_flops=args.target_flops,
             target_params=args.target_params, eval_fn=eval_fn, calib_data=calib, n_trials=args.trials,
             timeout=args.timeout, search_space=space, storage=storage, study_name=args.study_name,
-            device=args.device, seed=args.seed, show_progress_bar=not args.no_progress,
+            device=args.device, seed=args.seed, threads=args.threads, latency_clock=args.latency_clock,
+            show_progress_bar=not args.no_progress,
         )
     except InvalidInputsError as exc:
         if inputs is None and calib is None:

@@ -4,10 +4,12 @@ Several warm starts have one knob (an energy threshold, a shared cost fraction, 
 loss, a Lagrange multiplier) whose plans get cheaper monotonically as it moves one way. The plan
 wanted is the one at the boundary: as little compression as the budget allows.
 
-The boundary is found by bisection in two rounds: first on the *predicted* latency (free, but the
+The boundary is found in two rounds: first by bisection on the *predicted* latency (free, but the
 per-layer table can be off by tens of percent inside the model), then on the *measured* latency of
-the whole model, starting from the predicted boundary, so a handful of measurements place it where
-the real model puts it. Without a latency target the budget is analytic and one round suffices.
+the whole model, starting from the predicted boundary. Each measurement rescales the prediction
+(plans with nearby knob values share most of its error), and the next plan measured is where the
+rescaled prediction puts the boundary, so a handful of measurements place it where the real model
+puts it. Without a latency target the budget is analytic and one round suffices.
 """
 
 from __future__ import annotations
@@ -77,17 +79,58 @@ def _between(value: float, a: float, b: float) -> bool:
 def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *,
                   predicted_feasible: Callable[[Choices], bool],
                   measured_feasible: Callable[[Choices], bool] | None,
-                  integer: bool = False, predicted_steps: int = 14, measured_steps: int = 6) -> Choices | None:
+                  rescaled: Callable[[Choices], Callable[[Choices], bool]] | None = None,
+                  integer: bool = False, predicted_steps: int = 14, measured_steps: int = 4) -> Choices | None:
     """Bisect on the prediction, then refine on measurement from there (see the module docstring).
 
     ``measured_feasible`` is ``None`` when the budget is analytic (FLOPs, parameters): the first
-    round is then exact.
+    round is then exact. ``rescaled(plan)`` is the prediction rescaled to ``plan``'s measurement (a
+    feasibility check for plans near it, aiming slightly under the budget so that steps coming from
+    the infeasible side cross it): after each measurement, the next knob value measured is
+    where the rescaled prediction puts the boundary inside the bracket left (a secant step, which
+    lands near the boundary in one or two measurements when the prediction is off by a factor);
+    without it, or when it points at the bracket's edge, the bracket is halved.
     """
     guess = boundary(make, predicted_feasible, cheap, dear, steps=predicted_steps, integer=integer)
     if measured_feasible is None:
         return make(guess) if guess is not None else None
     # the prediction may be wrong either way: start the measured round at its answer (or at the
     # cheap end when it saw nothing feasible - measurement may disagree)
-    found = boundary(make, measured_feasible, cheap, dear, steps=measured_steps, start=guess, integer=integer,
-                     check_dear=guess == dear)
-    return make(found) if found is not None else None
+    good, bad = cheap, dear  # invariant: bad is infeasible (or unprobed dear); good is feasible once good_known
+    good_known = False
+    probe = guess if guess is not None else cheap
+    for _ in range(measured_steps):
+        if measured_feasible(make(probe)):
+            good, good_known = probe, True
+            if probe == dear:
+                break
+        else:
+            bad = probe
+            if probe == cheap:
+                return None
+        if integer and abs(bad - good) <= 1:
+            break
+        probe = _next_probe(make, probe, good, bad, rescaled, integer=integer, steps=predicted_steps,
+                            resolution=abs(dear - cheap) / 2 ** 7)
+        if probe is None:
+            break
+    if good_known:
+        return make(good)
+    return make(cheap) if measured_feasible(make(cheap)) else None
+
+
+def _next_probe(make: Callable[[float], Choices], last: float, good: float, bad: float,
+                rescaled: Callable[[Choices], Callable[[Choices], bool]] | None, *, integer: bool,
+                steps: int, resolution: float) -> float | None:
+    """The next knob value to measure, strictly inside (good, bad); ``None`` when none is worth it."""
+    probe = (good + bad) / 2
+    if rescaled is not None:
+        estimate = boundary(make, rescaled(make(last)), good, bad, steps=steps, integer=integer, check_dear=False)
+        if estimate is None or abs(estimate - good) <= (0 if integer else resolution):
+            return None  # rescaled, the prediction puts the boundary at the bracket's feasible end
+        probe = estimate
+    if integer:
+        probe = float(round(probe))
+    if not _between(probe, good, bad) or make(probe) in (make(good), make(bad)):
+        return None  # the knob cannot tell the bracket's ends apart any more
+    return probe

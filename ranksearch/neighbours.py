@@ -7,7 +7,12 @@ the best feasible trial, queued into the Optuna study with its exact ranks:
 
 * an **exchange** moves budget between two layers: one gets a higher cost fraction (or is kept),
   another a lower one (or is compressed when it was kept), so the latency stays about the same;
-* a **switch** gives one compressed layer another method at the same cost fraction.
+* a **switch** gives one compressed layer another method at the same cost fraction;
+* a **grow** spends the slack of a plan that came in under the budget (a seed fitted by a few noisy
+  measurements often lands several percent short): layers picked at random get their next larger
+  rank, one at a time, while the plan's latency - predicted, scaled by how far the prediction
+  was off on the plan itself - stays within the budget. A plan whose grows keep breaking the budget
+  has no real slack (its measurement flattered it), and is not grown again.
 
 Moves act on the plan's exact (method, rank) choices, not on the sampler's rounded parameters, so a
 neighbour of a plan fitted tightly to the budget differs from it only where it was moved. The
@@ -17,13 +22,15 @@ the budget is pruned like any other trial.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 
+from .decompose.base import Rank
 from .fitting import Choices, choices_key
+from .layers import LayerSpec
 from .space import LayerCandidates, SearchSpace
 from .study import best_feasible, plan_of
 from .warmstart import Seed
@@ -31,7 +38,12 @@ from .warmstart import Seed
 if TYPE_CHECKING:
     from .trials import TrialRunner
 
-__all__ = ["NeighbourMoves", "neighbour_choices"]
+__all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices"]
+
+# a plan this far (relative) under its budget has slack worth spending (about the measurement noise)
+_SLACK = 0.03
+# grows of one plan that broke the budget before it is not grown again
+_FAILED_GROWS = 2
 
 
 def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
@@ -47,6 +59,45 @@ def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], s
         if moved != choices:
             break
     return moved
+
+
+def grown_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
+                  rng: np.random.Generator, fits: Callable[[Choices], bool]) -> Choices:
+    """``choices`` with compressed layers raised to their next rank on the grid, one at a time in
+    random order, as long as ``fits`` accepts the plan (a layer past the top of the range is kept)."""
+    by_name = {c.spec.name: c for c in searchable}
+    out = dict(choices)
+    open_layers = [name for name in out if name in by_name]
+    while open_layers:
+        name = open_layers.pop(int(rng.integers(len(open_layers))))
+        method, rank = out[name]
+        grown = dict(out)
+        raised = _next_rank_up(by_name[name].spec, method, rank, space)
+        if raised is None:
+            del grown[name]  # past the top of the range: kept
+        else:
+            grown[name] = (method, raised)
+        if fits(grown):
+            out = grown
+            if name in out:
+                open_layers.append(name)  # it may take another step later
+    return out
+
+
+def _next_rank_up(spec: LayerSpec, method: str, rank: Rank, space: SearchSpace) -> Rank | None:
+    """The next larger rank on the space's grid (ranks are rounded, so one cost-fraction step may not
+    change it); ``None`` past the top of the range (the layer is then kept)."""
+    fraction = space.cost_fraction_of(spec, method, rank)
+    step = space.cost_fraction_step
+    for k in range(1, int((space.cost_fraction_high - space.cost_fraction_low) / step) + 2):
+        if fraction + k * step > space.cost_fraction_high + 1e-9:
+            return None
+        raised = space.rank_for(spec, method, fraction + k * step)
+        if raised is None:
+            return None
+        if raised != rank and space.cost_fraction_of(spec, method, raised) > fraction:
+            return raised
+    return None
 
 
 def _move(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
@@ -115,13 +166,28 @@ class NeighbourMoves:
         best = best_feasible(trials)
         if not best:
             return
-        runner = self.runner
-        parent = {c.name: (c.method, c.rank) for c in plan_of(best[0], runner.fingerprint).replaced}
+        runner, parent_trial = self.runner, best[0]
+        parent = {c.name: (c.method, c.rank) for c in plan_of(parent_trial, runner.fingerprint).replaced}
         tried = {choices_key({c.name: (c.method, c.rank) for c in plan_of(t, runner.fingerprint).replaced})
                  for t in trials if "plan" in t.user_attrs}
+        if self._worth_growing(parent_trial, trials):
+            fits = runner.fits_beside(parent, parent_trial.user_attrs.get("measured_latency_ms"))
+            choices = grown_choices(parent, runner.searchable, runner.space, self.rng, fits)
+            if choices_key(choices) not in tried:
+                runner.enqueue(study, Seed("neighbour", choices), neighbour_of=parent_trial.number, move="grow")
+                return
         for _ in range(10):  # a move can land on a plan already tried; try another
             choices = neighbour_choices(parent, runner.searchable, runner.space, self.rng)
             if choices_key(choices) not in tried:
-                runner.enqueue(study, Seed("neighbour", choices), neighbour_of=best[0].number)
+                runner.enqueue(study, Seed("neighbour", choices), neighbour_of=parent_trial.number, move="exchange")
                 return
+
+    @staticmethod
+    def _worth_growing(parent: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
+        """Whether the plan is under every budget by more than ``_SLACK``, and its grows have not
+        already broken the budget ``_FAILED_GROWS`` times."""
+        slack = -max(parent.constraints.values(), default=0.0)
+        failed = sum(1 for t in trials if t.user_attrs.get("neighbour_of") == parent.number
+                     and t.user_attrs.get("move") == "grow" and t.state == optuna.trial.TrialState.PRUNED)
+        return slack > _SLACK and failed < _FAILED_GROWS
 

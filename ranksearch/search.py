@@ -116,6 +116,7 @@ def optimize(
     seed: int | None = None,
     latency_fn: LatencyFn | None = None,
     threads: int | None = None,
+    latency_clock: str = "wall",
     show_progress_bar: bool = True,
     latency_check_every: int = 1,
     latency_tolerance: float = 0.05,
@@ -149,6 +150,9 @@ def optimize(
         latency_fn: ``latency_fn(model, example_inputs) -> ms`` for devices reached some other way.
         threads: torch threads latency is measured with (default: ``torch.get_num_threads()``); use the
             count the model will run with.
+        latency_clock: ``"wall"`` (default): elapsed time. ``"cpu"``: CPU time of the timing thread (CPU,
+            ``threads=1`` only); on a machine shared with other work it leaves out the time the process
+            waits for a core, so plans are compared on what they cost, not on what else ran meanwhile.
         show_progress_bar: show trials done, best feasible score and its latency.
         latency_check_every: 1 (default): measure every plan that is built, and let the measurement decide
             whether it meets a latency target. N > 1: measure the first three and every N-th, and trust
@@ -190,8 +194,9 @@ def optimize(
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise InvalidTargetError(f"n_trials must be a positive int, got {n_trials!r}")
     space = load_space(search_space)
-    storage = open_storage(storage)
     torch_device = resolve_device(device, model)
+    _check_clock(latency_clock, latency_fn, torch_device, threads)
+    storage = open_storage(storage)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else _infer_example_inputs(model, calib_data)
 
     # Everything below works on a copy: the user's model keeps its parameters, mode and device.
@@ -210,7 +215,7 @@ def optimize(
         )
 
     def measure(m: nn.Module) -> Any:
-        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads)
+        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads, clock=latency_clock)
 
     batches = calibration_batches(inputs, calib_data)
     batches = [_move(b, torch_device) for b in batches]
@@ -257,7 +262,7 @@ def optimize(
     predictor = None
     if targets.latency_ms is not None:
         table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device,
-                             latency_fn=latency_fn, threads=threads)
+                             latency_fn=latency_fn, threads=threads, clock=latency_clock)
         table.prepare({c.spec.name: c.methods for c in searchable})
         # one check's worth of prior: the table is often off by a consistent factor, learn it fast
         predictor = LatencyPredictor(table, baseline.latency_ms, prior_checks=1.0)
@@ -296,6 +301,19 @@ def optimize(
         raise
     result.sensitivity = table
     return result
+
+
+def _check_clock(clock: Any, latency_fn: LatencyFn | None, device: torch.device, threads: int | None) -> None:
+    """Refuse a ``latency_clock`` that cannot time this search, before any work."""
+    if clock not in ("wall", "cpu"):
+        raise InvalidInputsError(f"latency_clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu":
+        if latency_fn is not None:
+            raise InvalidInputsError("latency_clock='cpu' times the model here; with latency_fn your function "
+                                     "does the timing: leave latency_clock='wall'")
+        if device.type != "cpu" or threads != 1:
+            raise InvalidInputsError("latency_clock='cpu' measures one thread's CPU time: pass threads=1 and run on "
+                                     f"the CPU (got device={str(device)!r}, threads={threads!r}), or use 'wall'")
 
 
 def _check_sensitivity(sensitivity: Any, fingerprint: dict[str, Any]) -> None:

@@ -111,14 +111,15 @@ class TrialRunner:
                 choices[cand.spec.name] = (method, rank)
         return choices
 
-    def violations(self, choices: dict[str, tuple[str, Any]], *, measured: bool = False) -> dict[str, float]:
+    def violations(self, choices: dict[str, tuple[str, Any]], *, measured: bool = False,
+                   latency_scale: float = 1.0) -> dict[str, float]:
         """Relative excess over each budget of a plan, from analytic costs and predicted latency
-        (``measured=True``: the whole model's measured latency instead)."""
+        times ``latency_scale`` (``measured=True``: the whole model's measured latency instead)."""
         plan = self.make_plan(choices, "check")
         saved = plan_cost(self.specs, plan)
         latency = None
         if self.predictor is not None:
-            latency = self.measured_latency(plan) if measured else self.predictor.predict(plan)
+            latency = self.measured_latency(plan) if measured else self.predictor.predict(plan) * latency_scale
         return self.targets.violations(latency_ms=latency, flops=self.baseline.flops - saved.flops,
                                        params=self.baseline.params - saved.params)
 
@@ -130,11 +131,33 @@ class TrialRunner:
         """Whether the plan meets every budget, by measuring the whole model (cached per plan)."""
         return all(v <= 0 for v in self.violations(choices, measured=True).values())
 
+    def fits_beside(self, parent: Choices, parent_latency_ms: float | None,
+                    margin: float = 0.01) -> Callable[[Choices], bool]:
+        """Whether a plan near ``parent`` meets every budget with ``margin`` to spare, by prediction.
+
+        The prediction is scaled by how far it was off on the parent's measured latency: plans that
+        differ in a few layers share most of the predictor's error (see ``ranksearch.neighbours``).
+        """
+        scale = 1.0
+        if self.predictor is not None and parent_latency_ms:
+            scale = parent_latency_ms / self.predictor.predict(self.make_plan(parent, "check"))
+
+        def fits(choices: Choices) -> bool:
+            return all(v <= -margin for v in self.violations(choices, latency_scale=scale).values())
+
+        return fits
+
     def fit(self, make: Callable[[float], Choices], cheap: float, dear: float, *, integer: bool = False) -> Choices | None:
         """A one-knob plan fitted to the budget (see ``ranksearch.fitting``)."""
-        measured = self.measured_feasible if self.predictor is not None and self.latency_check_every else None
-        return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible, measured_feasible=measured,
-                             integer=integer)
+        if self.predictor is None or not self.latency_check_every:
+            return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible, measured_feasible=None,
+                                 integer=integer)
+
+        def rescaled(anchor: Choices) -> Callable[[Choices], bool]:
+            return self.fits_beside(anchor, self.measured_latency(self.make_plan(anchor, "check")), margin=0.01)
+
+        return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible,
+                             measured_feasible=self.measured_feasible, rescaled=rescaled, integer=integer)
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None) -> float:
         """The whole model's latency under ``plan``, measured once per distinct plan and corrected for

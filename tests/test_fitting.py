@@ -70,3 +70,37 @@ def test_analytic_budget_uses_one_round() -> None:
     choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.42), measured_feasible=None)
     assert choices is not None and 0.42 - 1e-3 < choices["layer"][1] <= 0.42
     assert fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(-1.0), measured_feasible=None) is None
+
+
+def _latency_fit(measured_ms, target: float, calls: list):
+    """A prediction (the knob itself) that measurement contradicts by ``measured_ms(knob)``; rescaled
+    to a measurement, it aims 1% under the target (as ``TrialRunner.fit`` does)."""
+    def measured_feasible(choices: dict) -> bool:
+        calls.append(choices["layer"][1])
+        return measured_ms(choices["layer"][1]) <= target
+
+    def rescaled(anchor: dict):
+        scale = measured_ms(anchor["layer"][1]) / anchor["layer"][1]
+        return lambda choices: choices["layer"][1] * scale <= 0.99 * target
+
+    return measured_feasible, rescaled
+
+
+def test_rescaled_prediction_lands_on_the_boundary_in_two_measurements() -> None:
+    calls: list = []
+    measured_feasible, rescaled = _latency_fit(lambda knob: 1.2 * knob, 0.6, calls)  # off by a factor
+    choices = fit_to_budget(_plan, 0.01, 1.0, predicted_feasible=_threshold(0.6),
+                            measured_feasible=measured_feasible, rescaled=rescaled, measured_steps=4)
+    assert choices is not None and 0.99 * 0.5 - 1e-3 < choices["layer"][1] <= 0.5
+    assert calls[0] == pytest.approx(0.6, abs=1e-3) and len(calls) == 2
+
+
+def test_rescaled_steps_converge_when_the_error_is_not_a_factor() -> None:
+    calls: list = []
+    # measured = knob + 0.1: rescaling the prediction at one point is right only there
+    measured_feasible, rescaled = _latency_fit(lambda knob: knob + 0.1, 0.5, calls)
+    choices = fit_to_budget(_plan, 0.01, 1.0, predicted_feasible=_threshold(0.5),
+                            measured_feasible=measured_feasible, rescaled=rescaled, measured_steps=4)
+    assert choices is not None and 0.4 - 0.01 < choices["layer"][1] <= 0.4
+    # the plain bisection of the bracket [0.01, 0.5] would be 0.12 away after four steps
+    assert len(calls) <= 4

@@ -10,7 +10,7 @@ from torch import nn
 
 import ranksearch
 from ranksearch.layers import capture_layer_specs
-from ranksearch.neighbours import neighbour_choices
+from ranksearch.neighbours import grown_choices, neighbour_choices
 from ranksearch.space import load_space
 
 
@@ -62,3 +62,47 @@ def test_neighbours_alternate_with_sampled_trials_after_the_seeds() -> None:
             parent = trials[t.user_attrs["neighbour_of"]]
             assert parent.state == optuna.trial.TrialState.COMPLETE and parent.number < t.number
             assert t.params != parent.params
+
+
+def test_grow_spends_the_slack_and_no_more(conv_candidates) -> None:
+    searchable, space = conv_candidates
+    choices = {c.spec.name: (c.methods[0], space.rank_for(c.spec, c.methods[0], 0.3)) for c in searchable}
+    original = dict(choices)
+
+    def flops(plan: dict) -> float:
+        return sum(space.cost_fraction_of(c.spec, *plan[c.spec.name]) * c.spec.flops if c.spec.name in plan
+                   else c.spec.flops for c in searchable)
+
+    budget = flops(choices) * 1.3
+
+    def fits(plan: dict) -> bool:
+        return flops(plan) <= budget
+
+    for seed in range(5):
+        grown = grown_choices(choices, searchable, space, np.random.default_rng(seed), fits)
+        assert choices == original  # the input is not modified
+        assert fits(grown) and flops(grown) > flops(choices)
+        for cand in searchable:  # no layer loses rank, kept layers stay kept
+            name = cand.spec.name
+            if name in grown:
+                assert space.cost_fraction_of(cand.spec, *grown[name]) >= space.cost_fraction_of(cand.spec, *choices[name])
+        # saturated: no compressed layer can take one more step within the budget
+        assert grown_choices(grown, searchable, space, np.random.default_rng(seed + 10), fits) == grown
+
+def test_plans_under_budget_are_grown_towards_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
+                          nn.Linear(96, 10)).eval()
+    result = ranksearch.optimize(model, torch.randn(32, 1, 8, 8), target_flops=0.5, n_trials=10, seed=0,
+                                 show_progress_bar=False, sensitivity=False)
+    trials = result.study.trials
+    grows = [t for t in trials if t.user_attrs.get("move") == "grow"]
+    assert grows, "a plan 10% under the FLOP budget was never grown"
+    for grow in grows:
+        parent = trials[grow.user_attrs["neighbour_of"]]
+        assert parent.constraints["flops"] < -0.03  # it had slack
+        assert parent.constraints["flops"] < grow.constraints["flops"] <= -0.01  # spent, with 1% to spare
+        before = {c["name"]: c for c in parent.user_attrs["plan"] if c["method"] != "keep"}
+        after = {c["name"]: c for c in grow.user_attrs["plan"] if c["method"] != "keep"}
+        assert set(after) <= set(before)
+        assert all(after[n]["rank"] >= before[n]["rank"] for n in after)  # svd ranks: ints

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import optuna
 import pytest
 import torch
@@ -309,3 +311,30 @@ def test_latency_target_as_a_ratio_of_the_originals_latency(digits_mlp, tmp_path
     for bad in (0.0, 1.5, "half", True):
         with pytest.raises(ranksearch.InvalidTargetError, match="target_latency_ratio"):
             ranksearch.optimize(model, x, target_latency_ratio=bad)
+
+
+def test_cpu_clock_times_the_search_with_thread_cpu_time(monkeypatch, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    x = torch.randn(16, 512)
+    readings, real_thread_time = [], time.thread_time
+
+    def thread_time() -> float:
+        readings.append(1)
+        return real_thread_time()
+
+    monkeypatch.setattr(time, "thread_time", thread_time)
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path))  # a fresh latency table, timed with this clock
+    result = ranksearch.optimize(model, x, target_latency_ratio=0.8, n_trials=3, threads=1, latency_clock="cpu",
+                                 seed=0, show_progress_bar=False, sensitivity=False)
+    assert readings and result.final.latency_ms > 0
+    assert all('"clock": "cpu"' in p.read_text() for p in (tmp_path / "latency").glob("*.json"))
+
+    for kwargs, message in [
+        (dict(latency_clock="gpu"), "latency_clock must be 'wall' or 'cpu'"),
+        (dict(latency_clock="cpu"), "pass threads=1"),  # threads default to torch's count
+        (dict(latency_clock="cpu", threads=2), "pass threads=1"),
+        (dict(latency_clock="cpu", threads=1, latency_fn=lambda m, i: 1.0), "with latency_fn"),
+    ]:
+        with pytest.raises(ranksearch.InvalidInputsError, match=message):
+            ranksearch.optimize(model, x, target_latency_ratio=0.5, **kwargs)
