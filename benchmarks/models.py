@@ -265,7 +265,7 @@ def nn_agreement(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
     return float((nearest(reference) == nearest(embeddings)).float().mean())
 
 
-def minilm_task(*, sentences: list[str] | None = None, server_batch: int = 16, latency_tokens: int = 24,
+def minilm_task(*, sentences: list[str] | None = None, server_batch: int = 8, latency_tokens: int = 24,
                 distill_epochs: int = 2, seed: int = 0, log: Callable[[str], None] = print) -> Task:
     """all-MiniLM-L6-v2 as a :class:`SentenceEmbedder`, with splits of the shipped sentences.
 
