@@ -38,44 +38,13 @@ from ranksearch.cost import (
 )
 from ranksearch.layers import LayerSpec
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import ResNetCNN  # the benchmark's CNN; here with 3 input channels, 32/64/96 wide, random weights
+
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_models.md"
 
 
 # --- models -----------------------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
-class ResNetCNN(nn.Module):
-    """CIFAR-style ResNet: stem, three stages of two basic blocks (32, 64, 96 channels), ~0.55M params."""
-
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 96), classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, cin = [], widths[0]
-        for i, width in enumerate(widths):
-            blocks += [BasicBlock(cin, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)]
-            cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 class EncoderBlock(nn.Module):
@@ -317,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, args.cache_dir or Path(tmp))
         with torch.no_grad():
-            bench.run_model("ResNet-style CNN, 1x3x32x32", ResNetCNN(), torch.randn(1, 3, 32, 32), rng)
+            bench.run_model("ResNet-style CNN, 1x3x32x32", ResNetCNN(widths=(32, 64, 96), in_channels=3),
+                            torch.randn(1, 3, 32, 32), rng)
             bench.run_model("Transformer encoder, 1x64 tokens", TinyEncoder(), torch.randint(0, 1000, (1, 64)), rng)
     spreads = sorted(bench.spreads)
     header = [

@@ -22,7 +22,6 @@ import importlib
 import logging
 import os
 import pickle
-import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .exceptions import InvalidInputsError, ModelLoadError
 from .plan import CompressionPlan
 from .rebuild import apply_plan
@@ -421,34 +421,9 @@ def load_calibration(path: str | os.PathLike[str]) -> list[tuple[torch.Tensor, .
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _temporary_beside(target: Path, suffix: str) -> str:
-    """A new, empty temporary file next to ``target``, with the permissions a plain ``open`` gives.
-
-    (``tempfile.mkstemp`` would make it readable by its owner only, whatever the umask.)
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = target.parent / f".{target.stem}.{secrets.token_hex(6)}{suffix}"
-        try:
-            with open(tmp, "xb"):
-                return str(tmp)
-        except FileExistsError:
-            continue
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` through a temporary file and a rename (a crash never leaves half a file)."""
-    target = Path(path)
-    tmp = _temporary_beside(target, ".tmp")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_compressed(model: nn.Module, plan: CompressionPlan, path: str | os.PathLike[str]) -> Path:
@@ -495,13 +470,5 @@ def export_program(model: nn.Module, example_inputs: tuple[Any, ...], path: str 
             whether that matters.
     """
     program = torch.export.export(model.eval(), tuple(example_inputs))
-    target = Path(path)
-    tmp = _temporary_beside(target, ".pt2")  # torch.export.save wants the .pt2 suffix
-    try:
-        torch.export.save(program, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".pt2")  # it wants .pt2
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from .atomic import atomic_write_text
 from .exceptions import PlanError, PlanMismatchError
 
 __all__ = ["SCHEMA_VERSION", "KEEP", "LayerChoice", "CompressionPlan", "model_fingerprint", "atomic_write_text"]
@@ -265,23 +265,3 @@ def _describe(entry: Any) -> str:
         return "nothing"
     name, type_name, shapes = entry
     return f"layer {name!r} ({type_name} {' '.join('x'.join(map(str, s)) for s in shapes)})"
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions open() would
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target

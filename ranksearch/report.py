@@ -17,7 +17,6 @@ Figures are drawn with matplotlib's Agg canvas and never shown. Everything is re
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -27,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write, atomic_write_text
 from .decompose import get_method
 from .exceptions import PlanError, RankSearchError, StudyMismatchError
 from .layers import LayerSpec
-from .plan import KEEP, CompressionPlan, atomic_write_text
+from .plan import KEEP, CompressionPlan
 from .result import SearchResult
 
 __all__ = ["LayerRow", "layer_rows", "make_figures", "write_report"]
@@ -369,12 +369,8 @@ def _markdown(fig: _Figures, rows: list[LayerRow], figures: Mapping[str, str]) -
 
 
 def _save_figure(figure: Any, path: Path) -> None:
-    """PNG through an in-memory buffer and an atomic rename."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    """PNG, written atomically."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def _new_figure(width: float, height: float) -> Any:

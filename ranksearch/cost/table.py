@@ -31,11 +31,12 @@ import torch
 from sklearn.isotonic import IsotonicRegression
 from torch import nn
 
+from ..atomic import atomic_write_text
 from ..decompose import get_method
 from ..decompose.base import DecompositionMethod, Rank
 from ..exceptions import InvalidInputsError, PlanMismatchError, UnsupportedLayerError
 from ..layers import LayerSpec, capture_layer_specs, check_module
-from ..plan import KEEP, atomic_write_text
+from ..plan import KEEP
 from .latency import LatencyFn, _positive_int, measure_latency, resolve_device
 
 __all__ = ["LatencyTable", "default_cache_dir"]
