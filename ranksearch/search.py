@@ -160,9 +160,10 @@ def optimize(
             remote ``latency_fn``). 0: predictions only, until the final answer is measured.
         latency_tolerance: relative measurement tolerance when verifying the final latency.
         vbmf_weakening: also seed a weakened-VBMF plan keeping this fraction of what VBMF discards.
-        sensitivity: before the trials, score each layer compressed alone at a few levels and seed the
-            plans that spend the budget where it costs the least quality (``ranksearch.sensitivity``).
-            Costs a few evaluations per layer; worth it unless evaluations are very expensive. The table
+        sensitivity: before the trials, score each layer compressed alone at seven cost fractions and
+            seed the plans that spend the budget where it costs the least quality
+            (``ranksearch.sensitivity``). Costs seven evaluations per layer and method (one method per
+            layer when that would exceed 320); worth it unless evaluations are very expensive. The table
             does not depend on the budget: pass a previous result's ``result.sensitivity`` (same model,
             same quality measure and space) to reuse it for another target.
 
