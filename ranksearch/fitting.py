@@ -79,17 +79,18 @@ def _between(value: float, a: float, b: float) -> bool:
 def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *,
                   predicted_feasible: Callable[[Choices], bool],
                   measured_feasible: Callable[[Choices], bool] | None,
-                  rescaled: Callable[[Choices], Callable[[Choices], bool]] | None = None,
+                  rescaled: Callable[[list[Choices]], Callable[[Choices], bool]] | None = None,
                   integer: bool = False, predicted_steps: int = 14, measured_steps: int = 4) -> Choices | None:
     """Bisect on the prediction, then refine on measurement from there (see the module docstring).
 
     ``measured_feasible`` is ``None`` when the budget is analytic (FLOPs, parameters): the first
-    round is then exact. ``rescaled(plan)`` is the prediction rescaled to ``plan``'s measurement (a
-    feasibility check for plans near it, aiming slightly under the budget so that steps coming from
-    the infeasible side cross it): after each measurement, the next knob value measured is
-    where the rescaled prediction puts the boundary inside the bracket left (a secant step, which
-    lands near the boundary in one or two measurements when the prediction is off by a factor);
-    without it, or when it points at the bracket's edge, the bracket is halved.
+    round is then exact. ``rescaled(plans)`` is the prediction mapped onto the measurements of the
+    plans measured so far (most recent last; a feasibility check, aiming slightly under the budget
+    so that steps coming from the infeasible side cross it): after each measurement, the next knob
+    value measured is where the rescaled prediction puts the boundary inside the bracket left (a
+    secant step, which lands near the boundary in one or two measurements when the prediction is
+    off by a factor or an offset). When it puts the boundary at the bracket's feasible end, the
+    fit stops; without it, the bracket is halved.
     """
     guess = boundary(make, predicted_feasible, cheap, dear, steps=predicted_steps, integer=integer)
     if measured_feasible is None:
@@ -99,8 +100,10 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
     good, bad = cheap, dear  # invariant: bad is infeasible (or unprobed dear); good is feasible once good_known
     good_known = False
     probe = guess if guess is not None else cheap
+    measured: list[Choices] = []
     for _ in range(measured_steps):
-        if measured_feasible(make(probe)):
+        measured.append(make(probe))
+        if measured_feasible(measured[-1]):
             good, good_known = probe, True
             if probe == dear:
                 break
@@ -110,7 +113,7 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
                 return None
         if integer and abs(bad - good) <= 1:
             break
-        probe = _next_probe(make, probe, good, bad, rescaled, integer=integer, steps=predicted_steps,
+        probe = _next_probe(make, measured, good, bad, rescaled, integer=integer, steps=predicted_steps,
                             resolution=abs(dear - cheap) / 2 ** 7)
         if probe is None:
             break
@@ -119,13 +122,13 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
     return make(cheap) if measured_feasible(make(cheap)) else None
 
 
-def _next_probe(make: Callable[[float], Choices], last: float, good: float, bad: float,
-                rescaled: Callable[[Choices], Callable[[Choices], bool]] | None, *, integer: bool,
+def _next_probe(make: Callable[[float], Choices], measured: list[Choices], good: float, bad: float,
+                rescaled: Callable[[list[Choices]], Callable[[Choices], bool]] | None, *, integer: bool,
                 steps: int, resolution: float) -> float | None:
     """The next knob value to measure, strictly inside (good, bad); ``None`` when none is worth it."""
     probe = (good + bad) / 2
     if rescaled is not None:
-        estimate = boundary(make, rescaled(make(last)), good, bad, steps=steps, integer=integer, check_dear=False)
+        estimate = boundary(make, rescaled(measured), good, bad, steps=steps, integer=integer, check_dear=False)
         if estimate is None or abs(estimate - good) <= (0 if integer else resolution):
             return None  # rescaled, the prediction puts the boundary at the bracket's feasible end
         probe = estimate

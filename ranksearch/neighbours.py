@@ -11,7 +11,7 @@ the best feasible trial, queued into the Optuna study with its exact ranks:
 * a **grow** spends the slack of a plan that came in under the budget (a seed fitted by a few noisy
   measurements often lands several percent short): layers picked at random get their next larger
   rank, one at a time, while the plan's latency - predicted, scaled by how far the prediction
-  was off on the plan itself - stays within the budget. A plan whose grows keep breaking the budget
+  was off on the plan itself - has used no more than half the slack (the next grow takes the rest). A plan whose grows keep breaking the budget
   has no real slack (its measurement flattered it), and is not grown again.
 
 Moves act on the plan's exact (method, rank) choices, not on the sampler's rounded parameters, so a
@@ -44,6 +44,9 @@ __all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices"]
 _SLACK = 0.03
 # grows of one plan that broke the budget before it is not grown again
 _FAILED_GROWS = 2
+# the share of a plan's slack one grow spends: latency is not smooth in the ranks (kernels change
+# with shapes), so a grow aimed at the whole slack often overshoots; the next grow takes the rest
+_GROW_SHARE = 0.5
 
 
 def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
@@ -171,7 +174,7 @@ class NeighbourMoves:
         tried = {choices_key({c.name: (c.method, c.rank) for c in plan_of(t, runner.fingerprint).replaced})
                  for t in trials if "plan" in t.user_attrs}
         if self._worth_growing(parent_trial, trials):
-            fits = runner.fits_beside(parent, parent_trial.user_attrs.get("measured_latency_ms"))
+            fits = runner.fits_beside(parent, parent_trial.user_attrs.get("measured_latency_ms"), spend=_GROW_SHARE)
             choices = grown_choices(parent, runner.searchable, runner.space, self.rng, fits)
             if choices_key(choices) not in tried:
                 runner.enqueue(study, Seed("neighbour", choices), neighbour_of=parent_trial.number, move="grow")

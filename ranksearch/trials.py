@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -112,14 +112,16 @@ class TrialRunner:
         return choices
 
     def violations(self, choices: dict[str, tuple[str, Any]], *, measured: bool = False,
-                   latency_scale: float = 1.0) -> dict[str, float]:
+                   corrected: Callable[[float], float] | None = None) -> dict[str, float]:
         """Relative excess over each budget of a plan, from analytic costs and predicted latency
-        times ``latency_scale`` (``measured=True``: the whole model's measured latency instead)."""
+        (passed through ``corrected``, if given; ``measured=True``: the whole model's measured latency)."""
         plan = self.make_plan(choices, "check")
         saved = plan_cost(self.specs, plan)
         latency = None
         if self.predictor is not None:
-            latency = self.measured_latency(plan) if measured else self.predictor.predict(plan) * latency_scale
+            latency = self.measured_latency(plan) if measured else self.predictor.predict(plan)
+            if corrected is not None and not measured:
+                latency = corrected(latency)
         return self.targets.violations(latency_ms=latency, flops=self.baseline.flops - saved.flops,
                                        params=self.baseline.params - saved.params)
 
@@ -131,9 +133,10 @@ class TrialRunner:
         """Whether the plan meets every budget, by measuring the whole model (cached per plan)."""
         return all(v <= 0 for v in self.violations(choices, measured=True).values())
 
-    def fits_beside(self, parent: Choices, parent_latency_ms: float | None,
-                    margin: float = 0.01) -> Callable[[Choices], bool]:
-        """Whether a plan near ``parent`` meets every budget with ``margin`` to spare, by prediction.
+    def fits_beside(self, parent: Choices, parent_latency_ms: float | None, *, margin: float = 0.01,
+                    spend: float = 1.0) -> Callable[[Choices], bool]:
+        """Whether a plan near ``parent`` meets every budget by prediction, spending at most ``spend``
+        of the parent's slack and keeping ``margin`` (relative) under each budget.
 
         The prediction is scaled by how far it was off on the parent's measured latency: plans that
         differ in a few layers share most of the predictor's error (see ``ranksearch.neighbours``).
@@ -141,9 +144,33 @@ class TrialRunner:
         scale = 1.0
         if self.predictor is not None and parent_latency_ms:
             scale = parent_latency_ms / self.predictor.predict(self.make_plan(parent, "check"))
+        return self._within(lambda predicted: predicted * scale, parent, margin=margin, spend=spend)
+
+    def calibrated_fits(self, anchors: Sequence[Choices], margin: float = 0.01) -> Callable[[Choices], bool]:
+        """Whether a plan meets every budget, ``margin`` under it, by the prediction mapped onto the
+        measurements of ``anchors`` (plans measured last, most recent last): a line through the last
+        two (predicted, measured) points - a secant step - or, with one point or a line that does
+        not rise, the prediction scaled to the last measurement."""
+        assert self.predictor is not None
+        points = [(self.predictor.predict(plan), self.measured_latency(plan))
+                  for plan in (self.make_plan(a, "check") for a in anchors[-2:])]
+        (p1, m1), (p2, m2) = points[0], points[-1]
+        slope = (m2 - m1) / (p2 - p1) if abs(p2 - p1) > 0.01 * p2 else 0.0
+
+        def corrected(predicted: float) -> float:
+            return m2 + slope * (predicted - p2) if slope > 0 else predicted * m2 / p2
+
+        return self._within(corrected, anchors[-1], margin=margin, spend=1.0)
+
+    def _within(self, corrected: Callable[[float], float], parent: Choices, *, margin: float,
+                spend: float) -> Callable[[Choices], bool]:
+        """``fits(choices)``: each budget's excess, by the corrected prediction, at most the parent's
+        plus ``spend`` of its slack beyond ``margin`` (or ``-margin`` when it has none)."""
+        start = self.violations(parent, corrected=corrected)
+        limits = {k: v + spend * (-margin - v) if v < -margin else -margin for k, v in start.items()}
 
         def fits(choices: Choices) -> bool:
-            return all(v <= -margin for v in self.violations(choices, latency_scale=scale).values())
+            return all(v <= limits[k] for k, v in self.violations(choices, corrected=corrected).items())
 
         return fits
 
@@ -153,11 +180,8 @@ class TrialRunner:
             return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible, measured_feasible=None,
                                  integer=integer)
 
-        def rescaled(anchor: Choices) -> Callable[[Choices], bool]:
-            return self.fits_beside(anchor, self.measured_latency(self.make_plan(anchor, "check")), margin=0.01)
-
         return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible,
-                             measured_feasible=self.measured_feasible, rescaled=rescaled, integer=integer)
+                             measured_feasible=self.measured_feasible, rescaled=self.calibrated_fits, integer=integer)
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None) -> float:
         """The whole model's latency under ``plan``, measured once per distinct plan and corrected for

@@ -79,8 +79,8 @@ def _latency_fit(measured_ms, target: float, calls: list):
         calls.append(choices["layer"][1])
         return measured_ms(choices["layer"][1]) <= target
 
-    def rescaled(anchor: dict):
-        scale = measured_ms(anchor["layer"][1]) / anchor["layer"][1]
+    def rescaled(anchors: list):  # scaled to the last measurement (TrialRunner.calibrated_fits also draws lines)
+        scale = measured_ms(anchors[-1]["layer"][1]) / anchors[-1]["layer"][1]
         return lambda choices: choices["layer"][1] * scale <= 0.99 * target
 
     return measured_feasible, rescaled

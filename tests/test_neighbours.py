@@ -91,17 +91,19 @@ def test_grow_spends_the_slack_and_no_more(conv_candidates) -> None:
 
 def test_plans_under_budget_are_grown_towards_it() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
-                          nn.Linear(96, 10)).eval()
-    result = ranksearch.optimize(model, torch.randn(32, 1, 8, 8), target_flops=0.5, n_trials=10, seed=0,
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10)).eval()
+    result = ranksearch.optimize(model, torch.randn(32, 1, 8, 8), target_flops=0.3, n_trials=10, seed=0,
                                  show_progress_bar=False, sensitivity=False)
     trials = result.study.trials
     grows = [t for t in trials if t.user_attrs.get("move") == "grow"]
-    assert grows, "a plan 10% under the FLOP budget was never grown"
+    assert grows, "a plan well under the FLOP budget was never grown"
     for grow in grows:
         parent = trials[grow.user_attrs["neighbour_of"]]
-        assert parent.constraints["flops"] < -0.03  # it had slack
-        assert parent.constraints["flops"] < grow.constraints["flops"] <= -0.01  # spent, with 1% to spare
+        slack = -parent.constraints["flops"]
+        assert slack > 0.03  # it had slack
+        # spent, but at most half of it beyond the 1% margin (the next grow takes the rest)
+        assert -slack < grow.constraints["flops"] <= -slack + 0.5 * (slack - 0.01) + 1e-9
         before = {c["name"]: c for c in parent.user_attrs["plan"] if c["method"] != "keep"}
         after = {c["name"]: c for c in grow.user_attrs["plan"] if c["method"] != "keep"}
         assert set(after) <= set(before)

@@ -261,6 +261,33 @@ def _runner_with_timer(timings: list[float], target_ms: float):
     )
 
 
+class _RankPredictor:
+    """Predicts 0.1 ms per rank of layer "0" (and learns nothing)."""
+
+    checks: list = []
+
+    def predict(self, plan) -> float:
+        return 0.1 * next(c.rank for c in plan.replaced if c.name == "0")
+
+    def record(self, plan, measured_ms: float) -> None:
+        pass
+
+
+def test_fits_follow_a_line_through_the_last_two_measurements() -> None:
+    # measured = predicted + 0.3 ms: an offset, which scaling to one measurement gets wrong
+    runner = _runner_with_timer([0.7, 1.1], target_ms=1.0)
+    runner.predictor = _RankPredictor()
+    low, high = {"0": ("svd", 4)}, {"0": ("svd", 8)}
+    assert runner.measured_latency(runner.make_plan(low, "test")) == pytest.approx(0.7)
+    assert runner.measured_latency(runner.make_plan(high, "test")) == pytest.approx(1.1)
+    secant = runner.calibrated_fits([low, high])  # 1% under the 1.0 ms target
+    assert secant({"0": ("svd", 6)}) and not secant({"0": ("svd", 7)})  # 0.9 ms fits, 1.0 ms does not
+    scaled = runner.calibrated_fits([high])  # one point: the prediction times 1.1 / 0.8
+    assert scaled({"0": ("svd", 7)})  # 0.96 ms
+    grow = runner.fits_beside(low, 0.7, spend=0.5)  # half of the slack from 0.7 ms to 0.99 ms: 0.845 ms
+    assert grow({"0": ("svd", 4)}) and not grow({"0": ("svd", 5)})  # scaled by 0.7 / 0.4: 0.875 ms
+
+
 def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> None:
     runner = _runner_with_timer([1.01, 0.97, 0.98, 0.50], target_ms=1.0)
     plan = runner.make_plan({"0": ("svd", 4)}, "test")
