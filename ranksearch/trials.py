@@ -42,7 +42,7 @@ log = logging.getLogger("ranksearch.search")
 # A measured latency this close to the target (relative) is measured again before it decides.
 _NEAR_TARGET = 0.04
 # The original is timed again after this many seconds, to follow the machine's drift.
-_DRIFT_INTERVAL_S = 20.0
+_DRIFT_INTERVAL_S = 10.0
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -216,9 +216,15 @@ class TrialRunner:
         """
         now = time.monotonic()
         if now - self._drift_checked > _DRIFT_INTERVAL_S:
-            self._reference_ms.append(self.measure(self.reference).ms)
-            self._drift_checked = now
+            self.retime_original()
         return statistics.median(self._reference_ms[-3:]) / self.baseline.latency_ms
+
+    def retime_original(self, times: int = 1) -> None:
+        """Time the original again (for :meth:`drift`). Two fresh timings outvote the first one, which
+        may have been taken in a slow moment: every plan measured afterwards is scaled by them."""
+        for _ in range(times):
+            self._reference_ms.append(self.measure(self.reference).ms)
+        self._drift_checked = time.monotonic()
 
     def verified_latency(self, model: nn.Module, rounds: int = 5) -> tuple[float, float]:
         """The final check of a model's latency: ``(ms, spread)``, timed alternately with the original.
@@ -251,6 +257,10 @@ class TrialRunner:
         from .sensitivity import sensitivity_seeds  # imports this module's TrialRunner for typing
 
         started = time.perf_counter()
+        if self.predictor is not None and self.latency_check_every:
+            # seeds are fitted on measurements cached for the whole search: scale them by fresh timings
+            # of the original, not by the first one alone (a slow moment then would skew every seed)
+            self.retime_original(times=2)
         heuristic = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
         fitted = fitted_seeds(self.reference, self.searchable, self.space, self.fit)
         allocated = sensitivity_seeds(self, sensitivity) if sensitivity is not None else []

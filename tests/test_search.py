@@ -365,3 +365,11 @@ def test_cpu_clock_times_the_search_with_thread_cpu_time(monkeypatch, tmp_path) 
     ]:
         with pytest.raises(ranksearch.InvalidInputsError, match=message):
             ranksearch.optimize(model, x, target_latency_ratio=0.5, **kwargs)
+
+
+def test_fresh_timings_of_the_original_outvote_a_slow_first_one() -> None:
+    # the search timed the original at 1.0 ms in a slow moment; it now runs in 0.8 ms
+    runner = _runner_with_timer([0.8, 0.8, 0.4], target_ms=10.0)
+    runner.retime_original(times=2)  # as TrialRunner.seeds does before fitting plans on measurements
+    # a plan at half the original's speed now counts as half the original's first timing
+    assert runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.5)
