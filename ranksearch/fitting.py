@@ -40,25 +40,22 @@ class Fit(Protocol):
 
 
 def boundary(make: Callable[[float], Choices], feasible: Callable[[Choices], bool], cheap: float, dear: float, *,
-             steps: int, start: float | None = None, integer: bool = False, check_dear: bool = True) -> float | None:
+             steps: int, integer: bool = False, check_dear: bool = True) -> float | None:
     """The knob value nearest ``dear`` whose plan is feasible, by bisection between ``cheap`` and ``dear``.
 
     ``make(cheap)`` is the most compressed plan; plans get dearer towards ``dear`` (the knob may
-    increase or decrease towards it). ``start`` is probed first (a guess of the answer), which
-    halves the bracket on the right side at once when the guess is good. ``integer`` knobs are
-    indices and are bisected to adjacent values. Returns ``None`` if no probed value is feasible,
-    ``make(cheap)`` included. ``check_dear=False`` skips probing ``dear`` itself (when it is known
-    to miss and a probe costs a measurement).
+    increase or decrease towards it). ``integer`` knobs are indices and are bisected to adjacent
+    values. Returns ``None`` if no probed value is feasible, ``make(cheap)`` included.
+    ``check_dear=False`` skips probing ``dear`` itself (when it is known to miss).
     """
     if check_dear and feasible(make(dear)):
         return dear
     good, bad = cheap, dear  # invariant: bad is infeasible; good is feasible once `good_known`
     good_known = False
-    probes = [start] if start is not None and _between(start, cheap, dear) else []
     for _ in range(steps):
         if integer and abs(bad - good) <= 1:
             break
-        probe = probes.pop() if probes else (good + bad) / 2
+        probe = (good + bad) / 2
         if integer:
             probe = float(round(probe))
             if probe in (good, bad):

@@ -176,12 +176,10 @@ class TrialRunner:
 
     def fit(self, make: Callable[[float], Choices], cheap: float, dear: float, *, integer: bool = False) -> Choices | None:
         """A one-knob plan fitted to the budget (see ``ranksearch.fitting``)."""
-        if self.predictor is None or not self.latency_check_every:
-            return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible, measured_feasible=None,
-                                 integer=integer)
-
+        on_measurement = self.predictor is not None and bool(self.latency_check_every)
         return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible,
-                             measured_feasible=self.measured_feasible, rescaled=self.calibrated_fits, integer=integer)
+                             measured_feasible=self.measured_feasible if on_measurement else None,
+                             rescaled=self.calibrated_fits if on_measurement else None, integer=integer)
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None) -> float:
         """The whole model's latency under ``plan``, measured once per distinct plan and corrected for
