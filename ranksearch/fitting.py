@@ -6,10 +6,10 @@ wanted is the one at the boundary: as little compression as the budget allows.
 
 The boundary is found in two rounds: first by bisection on the *predicted* latency (free, but the
 per-layer table can be off by tens of percent inside the model), then on the *measured* latency of
-the whole model, starting from the predicted boundary. Each measurement rescales the prediction
-(plans with nearby knob values share most of its error), and the next plan measured is where the
-rescaled prediction puts the boundary, so a handful of measurements place it where the real model
-puts it. Without a latency target the budget is analytic and one round suffices.
+the whole model, starting from the predicted boundary. Each measurement recalibrates the
+prediction (a line through the last two measurements: plans with nearby knob values share most of
+its error), and the next plan measured is where the recalibrated prediction puts the boundary, so
+a handful of measurements place it where the real model puts it. Without a latency target the budget is analytic and one round suffices.
 """
 
 from __future__ import annotations

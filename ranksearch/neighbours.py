@@ -11,8 +11,9 @@ the best feasible trial, queued into the Optuna study with its exact ranks:
 * a **grow** spends the slack of a plan that came in under the budget (a seed fitted by a few noisy
   measurements often lands several percent short): layers picked at random get their next larger
   rank, one at a time, while the plan's latency - predicted, scaled by how far the prediction
-  was off on the plan itself - has used no more than half the slack (the next grow takes the rest). A plan whose grows keep breaking the budget
-  has no real slack (its measurement flattered it), and is not grown again.
+  was off on the plan itself - has used no more than half the slack (the next grow takes the
+  rest). A plan whose grows keep breaking the budget has no real slack (its measurement flattered
+  it), and is not grown again.
 
 Moves act on the plan's exact (method, rank) choices, not on the sampler's rounded parameters, so a
 neighbour of a plan fitted tightly to the budget differs from it only where it was moved. The
