@@ -11,6 +11,9 @@ the original), every method builds a compressed model:
   search and reused by the others (its time counted in each row); when the interleaved check
   misses, that plan is ruled out and the best other plan on ``result.pareto`` that met the target
   in the search is taken, as a baseline's knob is retuned (up to twice for every row);
+* **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of the
+  best verified plans, the one that scores best on validation after the fine-tune (compared with
+  the baselines after fine-tuning; its compress time includes those fine-tunes);
 * **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
   bisected until the measured latency just meets the target;
 * **vbmf** - the VBMF plan (Kim et al. 2016), as it comes: no knob, the same plan at every target;
@@ -88,6 +91,9 @@ TOLERANCE = 0.03
 #: times a baseline is re-tuned when its final measurement misses the target
 VERIFY_RETRIES = 2
 TARGETS = (0.7, 0.5, 0.35)
+#: ranksearch with ``finetune_fn`` (this benchmark's fine-tune) tries it on this many verified plans
+FT_CANDIDATES = 3
+FT_METHOD = "ranksearch-ft"
 FAMILIES = ("tucker2", "spatial", "svd")
 TLTORCH_FACTORIZATIONS = ("tucker", "cp")
 TLTORCH_IMPLEMENTATIONS = ("factorized", "reconstructed")
@@ -455,8 +461,8 @@ class Benchmark:
         for target in self.args.targets:
             rows: list[Row] = []
             say(f"{task.name} {setting.batch} target {target}: ranksearch")
-            search_row, stats = self.ranksearch_row(setting, space, target, quality_memo)
-            rows.append(search_row)
+            search_rows, stats = self.ranksearch_row(setting, space, target, quality_memo)
+            rows += search_rows
 
             for tunable in tunables:
                 say(f"{task.name} {setting.batch} target {target}: {tunable.knob.name}")
@@ -555,9 +561,13 @@ class Benchmark:
     # -- ranksearch -----------------------------------------------------------------------------
 
     def ranksearch_row(self, setting: Setting, space: SearchSpace, target: float,
-                       quality_memo: dict[str, Quality]) -> tuple[Row, SearchStats | None]:
+                       quality_memo: dict[str, Quality]) -> tuple[list[Row], SearchStats | None]:
+        """Two rows from one search: ``ranksearch`` (the best plan before fine-tuning, what
+        ``optimize`` returns without ``finetune_fn``) and ``ranksearch-ft`` (``finetune_fn`` = this
+        benchmark's fine-tune: the best of the verified plans after it)."""
         task, model = setting.task, setting.task.model
         row = Row(task.name, setting.batch, target, "ranksearch")
+        ft_row = Row(task.name, setting.batch, target, FT_METHOD)
         trials = self.args.trials or (24 if self.quick else (32 if task.name == "cnn" else 24))
         base_ms = statistics.median(cpu_latency_ms(model, setting.inputs, 0.2) for _ in range(5))
         stats = SearchStats(task.name, setting.batch, target)
@@ -567,6 +577,11 @@ class Benchmark:
         # model's first search, reused by the others, and its time counted in every row (as AIMET's)
         reused = self.sensitivity.get(task.name)
         sensitivity_s = reused.seconds if reused is not None else 0.0
+
+        def fine_tune(compressed: nn.Module) -> None:  # exactly what quality() gives every row
+            torch.manual_seed(self.args.seed)
+            task.fine_tune(compressed)
+
         started = time.perf_counter()
         try:
             # the search verifies its answer with the tolerance every row is judged with here
@@ -576,6 +591,7 @@ class Benchmark:
                 model, setting.inputs, target_latency_ratio=target, eval_fn=task.val_score, n_trials=trials,
                 search_space=space, seed=self.args.seed, threads=1, latency_clock="cpu", show_progress_bar=False,
                 sensitivity=reused if reused is not None else True, latency_tolerance=TOLERANCE,
+                finetune_fn=fine_tune, finetune_candidates=FT_CANDIDATES,
             )
         except ranksearch.TargetUnreachableError as exc:
             if exc.sensitivity is not None:
@@ -585,24 +601,52 @@ class Benchmark:
             if exc.study is not None:
                 self.trial_stats(stats, exc.study, row.compress_s, base_ms, chosen=None)
             stats.log = records.lines
-            return row, stats
+            return [row], stats
         except Exception as exc:
             row.note = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             log.debug("ranksearch failed:\n%s", traceback.format_exc())
-            return row, None
+            return [row], None
         finally:
             logging.getLogger("ranksearch").removeHandler(records)
-        row.compress_s = time.perf_counter() - started + sensitivity_s
+        total_s = time.perf_counter() - started + sensitivity_s
         if result.sensitivity is not None:
             self.sensitivity[task.name] = result.sensitivity
         stats.log = records.lines
-        plan, compressed, chosen = self.verified_plan(setting, result, row)
-        plan_choices = {c.name: (c.method, c.rank) for c in plan.replaced}
-        key = f"ranksearch:{choices_key(plan_choices)}"
-        self.evaluate(task, key, lambda: compressed, quality_memo)
-        row.quality = quality_memo[key]
-        methods = sorted({m for m, _ in plan_choices.values()})
-        row.knob = f"{trials} trials; {len(plan_choices)} layers: {', '.join(methods)}"
+        tuned = result.fine_tuned or []
+        fine_tune_s = sum(r.seconds for r in tuned)
+        # the plain row leaves out the fine-tunes (not the two extra latency verifications, ~1-2 s each)
+        row.compress_s, ft_row.compress_s = total_s - fine_tune_s, total_s
+
+        # ranksearch: the best verified plan before fine-tuning; on a miss here, the best other plan of
+        # the Pareto front that met the target in the search
+        first = tuned[0]
+        search_ms = result.baseline.latency_ms  # the search's timing of the original: its ratios use it
+
+        def ratio(ms: float | None) -> float | None:
+            return None if ms is None else ms / search_ms
+
+        fallbacks = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in result.pareto
+                     if (p.measured_latency_ms or p.latency_ms or math.inf) <= target * search_ms]
+        plan, compressed, chosen = self.verified_plan(
+            setting, row, (first.trial, first.plan, ranksearch.apply_plan(model, first.plan).eval(),
+                           ratio(first.latency_ms)), fallbacks)
+        self.score_plan(task, row, plan, compressed, quality_memo)
+        methods = sorted({c.method for c in plan.replaced})
+        row.knob = f"{trials} trials; {len(plan.replaced)} layers: {', '.join(methods)}"
+
+        # ranksearch-ft: the best after fine-tuning; on a miss, the next best after fine-tuning
+        picked = result.plan.metadata["trial"]
+        others = sorted((r for r in tuned if r.trial != picked), key=lambda r: -r.score_after)
+        ft_plan, _, ft_chosen = self.verified_plan(
+            setting, ft_row, (picked, result.plan, result.model, ratio(result.final.latency_ms)),
+            [(r.trial, r.plan, ratio(r.latency_ms)) for r in others])
+        untuned = ranksearch.apply_plan(model, ft_plan).eval()
+        # the search fine-tuned its pick with this benchmark's fine-tune: its test score after it is reused
+        self.score_plan(task, ft_row, ft_plan, untuned, quality_memo,
+                        fine_tuned=result.model if ft_chosen == picked else None)
+        ft_row.knob = (f"finetune_fn = this fine-tune, tried on the {len(tuned)} best verified plans "
+                       f"({fine_tune_s:.0f} s): {'; '.join(f'trial {r.trial} val {r.score:.4f} -> {r.score_after:.4f}' for r in tuned)}")
+
         self.trial_stats(stats, result.study, row.compress_s, base_ms, chosen=chosen)
         if row.latency is not None:
             stats.measured_ratio = row.latency.ratio
@@ -610,40 +654,44 @@ class Benchmark:
             pe = result.prediction_error
             stats.prediction = (f"{pe['checks']} checks: median {pe['median_rel_error']:.0%}, "
                                 f"worst {pe['worst_rel_error']:.0%}")
-        return row, stats
+        return [row, ft_row], stats
 
-    def verified_plan(self, setting: Setting, result: Any, row: Row) -> tuple[Any, nn.Module, Any]:
-        """ranksearch's answer, checked like a baseline's: by the interleaved measurement.
+    def score_plan(self, task: Task, row: Row, plan: Any, compressed: nn.Module, memo: dict[str, Quality],
+                   fine_tuned: nn.Module | None = None) -> None:
+        """``row.quality`` for one of ranksearch's plans (memoised by plan, as every row's)."""
+        key = f"ranksearch:{choices_key({c.name: (c.method, c.rank) for c in plan.replaced})}"
+        if key not in memo and fine_tuned is not None:
+            memo[key] = Quality(task.val_score(compressed), task.test_scores(compressed), task.test_scores(fine_tuned))
+        self.evaluate(task, key, lambda: compressed, memo)
+        row.quality = memo[key]
+
+    def verified_plan(self, setting: Setting, row: Row, first: tuple[Any, Any, nn.Module, float | None],
+                      fallbacks: list[tuple[Any, Any, float | None]]) -> tuple[Any, nn.Module, Any]:
+        """A ranksearch answer ``(trial, plan, model, latency ratio in the search)``, checked like a
+        baseline's: by the interleaved measurement.
 
         When that measurement misses the target although the search's own said it met it, the plan
-        is ruled out and the best plan on the study's Pareto front that the search measured within
-        the target is taken instead - up to ``VERIFY_RETRIES`` times. This is how a baseline's knob is
-        retuned (the careful measurement replaces the tuning one for that knob value only; the
-        others keep theirs), and what a user does with ``result.pareto`` when a later measurement
-        disagrees.
+        is ruled out and the next of ``fallbacks`` (``(trial, plan, ratio in the search)``, best first,
+        each measured within the target in the search) is taken instead - up to ``VERIFY_RETRIES``
+        times. This is how a baseline's knob is retuned (the careful measurement replaces the tuning
+        one for that knob value only; the others keep theirs), and what a user does with
+        ``result.pareto`` when a later measurement disagrees.
         """
-        plan, compressed, chosen = result.plan, result.model, result.plan.metadata.get("trial")
-        searched_ms = result.final.latency_ms
+        chosen, plan, compressed, searched_ratio = first
         missed: set[Any] = set()
         for attempt in range(1 + VERIFY_RETRIES):
             self.figures(setting, compressed, row)
             if row.meets or attempt == VERIFY_RETRIES or row.latency is None:
                 break
             missed.add(chosen)
-            limit_ms = row.target * result.baseline.latency_ms  # the target, as the search timed the original
-            fitting = [p for p in result.pareto if p.trial not in missed
-                       and (p.measured_latency_ms or p.latency_ms or math.inf) <= limit_ms]
-            if not fitting:
-                row.note = _join(row.note, f"measured {row.latency.ratio:.2f}; no other plan on the Pareto front "
-                                           "met the target in the search")
+            remaining = [f for f in fallbacks if f[0] not in missed]
+            if not remaining:
+                row.note = _join(row.note, f"measured {row.latency.ratio:.2f}; no other plan met the target in the search")
                 break
-            point = max(fitting, key=lambda p: p.score)
-            searched_ratio = searched_ms / result.baseline.latency_ms
-            row.note = _join(row.note, f"trial {chosen} measured {row.latency.ratio:.2f} here, "
-                                       f"{searched_ratio:.2f} in the search: took trial {point.trial} from the "
-                                       "Pareto front")
-            plan, chosen = point.plan, point.trial
-            searched_ms = point.measured_latency_ms or point.latency_ms
+            searched = f"{searched_ratio:.2f}" if searched_ratio is not None else "-"
+            row.note = _join(row.note, f"trial {chosen} measured {row.latency.ratio:.2f} here, {searched} in the "
+                                       f"search: took trial {remaining[0][0]}")
+            chosen, plan, searched_ratio = remaining[0]
             compressed = ranksearch.apply_plan(setting.task.model, plan).eval()
         return plan, compressed, chosen
 
@@ -696,7 +744,7 @@ class Benchmark:
 
     def search_efficiency(self, stats: SearchStats, rows: list[Row]) -> None:
         """Against the best baseline that meets the target (by validation score, what the search sees)."""
-        baselines = [r for r in rows if r.method != "ranksearch" and r.meets and r.quality is not None]
+        baselines = [r for r in rows if not _ours(r) and r.meets and r.quality is not None]
         if baselines:
             best = max(baselines, key=lambda r: r.quality.val)  # type: ignore[union-attr]
             stats.best_baseline, stats.best_baseline_val = best.method, best.quality.val  # type: ignore[union-attr]
@@ -770,7 +818,7 @@ class Benchmark:
             q = r.quality
             lat = f"{r.latency.ratio:.2f} ({r.latency.low:.2f}-{r.latency.high:.2f})" if r.latency else "-"
             body.append(
-                [f"{r.target:.2f}", f"**{r.method}**" if r.method == "ranksearch" else r.method, lat,
+                [f"{r.target:.2f}", f"**{r.method}**" if _ours(r) else r.method, lat,
                  ("yes" if r.meets else "**no**") if r.latency else "-", _fmt(r.flops), _fmt(r.params),
                  _fmt(q.val if q else math.nan, 4)]
                 + [_fmt(q.test.get(m, math.nan) if q else math.nan, 4) for m in metrics]
@@ -782,30 +830,31 @@ class Benchmark:
     # -- the report -----------------------------------------------------------------------------
 
     def verdicts(self) -> list[str]:
-        lines = [("| model | batch | target | ranksearch: latency, test, after FT | best baseline meeting the target: "
-                  "latency, test (best after FT) | ranksearch >= it? no FT / after FT |"), "|---|---|---|---|---|---|"]
+        """Per setting: ranksearch against the best baseline without fine-tuning, and ranksearch with
+        ``finetune_fn`` against the best baseline after the same fine-tune."""
+        lines = [("| model | batch | target | ranksearch: latency, test | best baseline meeting the target: latency, "
+                  "test | >= it? | ranksearch-ft: latency, test after FT | best baseline after FT | >= it? |"),
+                 "|---|---|---|---|---|---|---|---|---|"]
         for key in _ordered_settings(self.rows):
             rows = [r for r in self.rows if (r.model, r.batch, r.target) == key]
-            where = f"| {key[0]} | {key[1]} | {key[2]:.2f} |"
-            rs = next((r for r in rows if r.method == "ranksearch"), None)
-            others = [r for r in rows if r.method != "ranksearch" and r.meets and r.quality is not None]
-            if rs is None or rs.quality is None or rs.latency is None:
-                lines.append(f"{where} {rs.note[:90] if rs else 'missing'} | "
-                             f"{', '.join(sorted(r.method for r in others)) or 'none'} meet it | **no** |")
-                continue
-            rs_text = (f"{rs.latency.ratio:.2f}{'' if rs.meets else ' (misses)'}, {rs.headline():.4f}, "
-                       f"{rs.headline(True):.4f}")
-            if not others:
-                lines.append(f"{where} {rs_text} | none meets it | {'yes' if rs.meets else '**no** (misses)'} |")
-                continue
-            best = max(others, key=lambda r: r.headline())
-            best_ft = max(others, key=lambda r: r.headline(True))
+            others = [r for r in rows if not _ours(r) and r.meets and r.quality is not None]
             n = self.headline_n.get(key[0])
-            cells = [_verdict(rs.meets, rs.headline(), best.headline(), n),
-                     _verdict(rs.meets, rs.headline(True), best_ft.headline(True), n)]
-            assert best.latency is not None
-            lines.append(f"{where} {rs_text} | {best.method}: {best.latency.ratio:.2f}, {best.headline():.4f} "
-                         f"({best_ft.method} {best_ft.headline(True):.4f}) | {' / '.join(cells)} |")
+            cells = [f"| {key[0]} | {key[1]} | {key[2]:.2f} |"]
+            for method, after_ft in (("ranksearch", False), (FT_METHOD, True)):
+                ours = next((r for r in rows if r.method == method), None)
+                if ours is None or ours.quality is None or ours.latency is None:
+                    cells.append(f" {ours.note[:90] if ours else 'missing'} | - | **no** |")
+                    continue
+                text = f"{ours.latency.ratio:.2f}{'' if ours.meets else ' (misses)'}, {ours.headline(after_ft):.4f}"
+                if not others:
+                    cells.append(f" {text} | none meets it | {'yes' if ours.meets else '**no** (misses)'} |")
+                    continue
+                best = max(others, key=lambda r: r.headline(after_ft))
+                assert best.latency is not None
+                verdict = _verdict(ours.meets, ours.headline(after_ft), best.headline(after_ft), n)
+                cells.append(f" {text} | {best.method}: {best.latency.ratio:.2f}, {best.headline(after_ft):.4f} | "
+                             f"{verdict} |")
+            lines.append("".join(cells))
         return lines
 
     def efficiency_table(self) -> list[str]:
@@ -854,7 +903,7 @@ class Benchmark:
             "for every row. *compress s*: wall time to build the plan and the model (knob tuning included; "
             "ranksearch's includes measuring the original, the per-layer latency table - built for the first "
             "target of each batch size, read from its disk cache afterwards - the trials and the final "
-            "verification; a baseline's includes its knob tuning, whose measurements of a plan are reused by "
+            "verification, ranksearch-ft's also the fine-tunes of its candidates; a baseline's includes its knob tuning, whose measurements of a plan are reused by "
             "later targets, and AIMET's per-layer analysis). tensorly-torch rows use whichever of its two "
             "implementations (factorized / reconstructed) was faster on the model's largest layer in a probe."),
             "",
@@ -864,7 +913,11 @@ class Benchmark:
             "",
             "## Verdict: is ranksearch at least as good as the best baseline, at equal or lower latency?",
             "",
-            ("Against the best baseline that meets the target on measurement, by the headline test metric. "
+            ("Against the best baseline that meets the target on measurement, by the headline test metric: "
+             "*ranksearch* (`optimize` as it is, plans scored as they come out of the decomposition) without "
+             "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
+             f"the best of the {FT_CANDIDATES} best verified plans after fine-tuning; the same search) after the "
+             "same fine-tune as every baseline. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
              "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here."),
             "",
@@ -954,6 +1007,10 @@ def _verdict(meets: bool, ours: float, theirs: float, n: int | None) -> str:
     return f"**no** (-{theirs - ours:.3f})"
 
 
+def _ours(row: Row) -> bool:
+    return row.method in ("ranksearch", FT_METHOD)
+
+
 def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
@@ -997,7 +1054,7 @@ def plot(rows: list[Row], path: Path) -> Path | None:
             if not points:
                 continue
             xs, ys, ys_ft = zip(*points, strict=True)
-            style = {"lw": 2.2, "zorder": 5} if method == "ranksearch" else {"lw": 1.0}
+            style = {"lw": 2.2, "zorder": 5} if method.startswith("ranksearch") else {"lw": 1.0}
             ax.plot(xs, ys, "o-", color=colours[method], label=method, **style)
             ax.plot(xs, ys_ft, "o--", color=colours[method], mfc="none", lw=0.8)
         for target in dict.fromkeys(r.target for r in rows if (r.model, r.batch) == (model, batch)):

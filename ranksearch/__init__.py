@@ -31,6 +31,7 @@ from .seeds import seed_plans  # noqa: E402
 from .space import SearchSpace, list_spaces, load_space  # noqa: E402
 from .result import ModelStats, ParetoPoint, SearchResult  # noqa: E402
 from .search import optimize  # noqa: E402
+from .finetune import FineTuned  # noqa: E402
 from .sensitivity import SensitivityTable  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ logging.getLogger("ranksearch").addHandler(logging.NullHandler())
 
 __all__ = [
     "CompressionPlan",
+    "FineTuned",
     "LayerChoice",
     "LayerSpec",
     "ModelStats",

@@ -170,6 +170,12 @@ def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> N
     quality.add_argument("--eval-fn", metavar="MODULE:CALLABLE",
                          help="scores a candidate: callable(model) -> float, higher is better (e.g. validation "
                               "accuracy); default: output fidelity to the original on the calibration inputs")
+    quality.add_argument("--finetune-fn", metavar="MODULE:CALLABLE",
+                         help="the fine-tune the compressed model will get: callable(model), training it in place; "
+                              "the best --finetune-candidates plans are fine-tuned and the best after fine-tuning "
+                              "is kept (the saved model is then the fine-tuned one)")
+    quality.add_argument("--finetune-candidates", metavar="N", type=_positive_int, default=3,
+                         help="how many verified plans --finetune-fn is tried on (default: 3)")
     search = parser.add_argument_group("search")
     search.add_argument("--trials", metavar="N", type=_positive_int, default=100,
                         help="trials wanted in the study in total; a resumed or shared study runs only the "
@@ -358,6 +364,7 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
 
     space = load_space(args.search_space)  # an unknown space fails before the model is loaded
     eval_fn = resolve_callable(args.eval_fn, what="--eval-fn") if args.eval_fn else None
+    finetune_fn = resolve_callable(args.finetune_fn, what="--finetune-fn") if args.finetune_fn else None
     storage = _storage_url(args.storage) if args.storage else None
     if storage is not None and args.study_name is None:
         raise _UsageError("--storage needs --study-name, so that the study can be found again")
@@ -373,7 +380,8 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
             target_params=args.target_params, eval_fn=eval_fn, calib_data=calib, n_trials=args.trials,
             timeout=args.timeout, search_space=space, storage=storage, study_name=args.study_name,
             device=args.device, seed=args.seed, threads=args.threads, latency_clock=args.latency_clock,
-            show_progress_bar=not args.no_progress,
+            show_progress_bar=not args.no_progress, finetune_fn=finetune_fn,
+            finetune_candidates=args.finetune_candidates,
         )
     except InvalidInputsError as exc:
         if inputs is None and calib is None:

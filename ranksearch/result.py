@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .plan import CompressionPlan
+
+if TYPE_CHECKING:
+    from .finetune import FineTuned
 
 __all__ = ["ModelStats", "ParetoPoint", "SearchResult"]
 
@@ -55,6 +58,9 @@ class SearchResult:
         message: a sentence on what happened (e.g. the original already met the target).
         sensitivity: the per-layer sensitivity table the search measured (or was given); pass it as
             ``optimize(..., sensitivity=result.sensitivity)`` to reuse it for another target.
+        fine_tuned: with ``optimize(finetune_fn=...)``, each verified plan that was fine-tuned, best
+            before fine-tuning first, with its scores before and after; ``model`` is then the
+            fine-tuned model and ``final.score`` its score. ``None`` without ``finetune_fn``.
     """
 
     model: nn.Module
@@ -67,6 +73,7 @@ class SearchResult:
     prediction_error: dict[str, Any] | None = None
     message: str = ""
     sensitivity: Any = None
+    fine_tuned: list[FineTuned] | None = None
 
     def summary(self) -> str:
         """A before / after table, in Markdown."""

@@ -42,6 +42,7 @@ from .cost import LatencyPredictor, LatencyTable, count_flops, count_params, mea
 from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
+from .finetune import FineTuneFn, check_finetune, pick_after_finetune
 from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
 from .neighbours import NeighbourMoves
 from .plan import CompressionPlan, model_fingerprint
@@ -122,6 +123,8 @@ def optimize(
     latency_tolerance: float = 0.05,
     vbmf_weakening: float | None = None,
     sensitivity: bool | SensitivityTable = True,
+    finetune_fn: FineTuneFn | None = None,
+    finetune_candidates: int = 3,
 ) -> SearchResult:
     """Find the per-layer decomposition plan that meets the budget with the best quality.
 
@@ -166,10 +169,17 @@ def optimize(
             layer when that would exceed 320); worth it unless evaluations are very expensive. The table
             does not depend on the budget: pass a previous result's ``result.sensitivity`` (same model,
             same quality measure and space) to reuse it for another target.
+        finetune_fn: ``finetune_fn(model)``, the fine-tune you will give the compressed model, training
+            it in place (parameters trainable; put it in train mode yourself). When given, the best
+            ``finetune_candidates`` plans that meet the budget on measurement are each fine-tuned on a
+            copy and scored again, and the best after fine-tuning is returned, fine-tuned: plans that
+            score best before a fine-tune are often not the ones that recover best
+            (``ranksearch.finetune``). ``result.fine_tuned`` lists every candidate's scores.
+        finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 3).
 
     Returns:
         A :class:`~ranksearch.result.SearchResult` (``model``, ``plan``, ``study``, ``baseline``, ``final``,
-        ``pareto``).
+        ``pareto``, ``fine_tuned``).
 
     Raises:
         NotAModuleError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, StorageError,
@@ -197,6 +207,7 @@ def optimize(
     space = load_space(search_space)
     torch_device = resolve_device(device, model)
     _check_clock(latency_clock, latency_fn, torch_device, threads)
+    check_finetune(finetune_fn, finetune_candidates)
     storage = open_storage(storage)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else _infer_example_inputs(model, calib_data)
 
@@ -296,7 +307,7 @@ def optimize(
         progress.close()
 
     try:
-        result = _finish(study, search, targets, baseline, latency_tolerance)
+        result = _finish(study, search, targets, baseline, latency_tolerance, finetune_fn, finetune_candidates)
     except TargetUnreachableError as exc:
         exc.sensitivity = table  # still reusable for a looser target
         raise
@@ -357,16 +368,62 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
             )
 
 
+def _distinct_plans(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The first trial of each plan (samplers repeat plans; one verification per plan is enough)."""
+    seen: set[str] = set()
+    distinct = []
+    for trial in trials:
+        key = json.dumps(trial.user_attrs.get("plan"), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(trial)
+    return distinct
+
+
+def _result(
+    study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats,
+    verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]],
+    finetune_fn: FineTuneFn | None,
+) -> SearchResult:
+    """The result for the best verified plan, or, with ``finetune_fn``, the best after fine-tuning."""
+    index, model, records, message = 0, verified[0][2], None, ""
+    if finetune_fn is not None:
+        index, model, records = pick_after_finetune([(t, p, m, ms) for t, p, m, ms, _ in verified], finetune_fn,
+                                                    search.score)
+        chosen = records[index]
+        message = (f"fine-tuned the {len(records)} best verified plans with finetune_fn and kept the best after "
+                   f"fine-tuning: trial {chosen.trial}, score {chosen.score:.4f} before, {chosen.score_after:.4f} after "
+                   "(the plan rebuilds the model before fine-tuning)")
+        log.info(message)
+    trial, plan, _, measured_ms, spread = verified[index]
+    score = records[index].score_after if records is not None else search.score(model)
+    final = ModelStats(measured_ms, spread, count_flops(model, search.inputs), count_params(model), score)
+    plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number, "study": study.study_name,
+                          "baseline": baseline.to_dict(), "final": final.to_dict(),
+                          "layer_specs": [c.spec.to_dict() for c in search.candidates]})
+    if records is not None:
+        plan.metadata["fine_tune"] = {"chosen_trial": trial.number, "candidates": [r.to_dict() for r in records]}
+    if search.predictor is not None:
+        plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
+    return SearchResult(
+        model=model, plan=plan, study=study, baseline=baseline, final=final,
+        pareto=pareto_points(study, search.fingerprint), targets=targets.as_dict(),
+        prediction_error=search.predictor.error_summary() if search.predictor is not None else None,
+        message=message, fine_tuned=records,
+    )
+
+
 def _finish(
     study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats, tolerance: float,
-    max_verifications: int = 10,
+    finetune_fn: FineTuneFn | None = None, finetune_candidates: int = 1, max_verifications: int = 10,
 ) -> SearchResult:
     """Pick the best feasible plan whose measured latency really meets the target.
 
     Candidates are tried best quality first, each rebuilt from the original and timed alternately
     with it (``TrialRunner.verified_latency``). Each measurement also calibrates the latency predictor,
     so after a miss the remaining candidates are re-predicted and those now predicted to miss are
-    skipped without being measured.
+    skipped without being measured. With ``finetune_fn``, the best ``finetune_candidates`` plans that
+    pass are fine-tuned and the best after fine-tuning is returned (``ranksearch.finetune``).
     """
     trials = study.trials
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
@@ -376,9 +433,11 @@ def _finish(
             f"every trial failed to evaluate ({len(failed)} failed, the others broke the budget): "
             f"{'; '.join(sorted(reasons))[:500]}; fix eval_fn so it returns a finite number for any model"
         )
-    remaining = best_feasible(trials)
+    want = finetune_candidates if finetune_fn is not None else 1
+    remaining = _distinct_plans(best_feasible(trials))
     checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
-    while remaining and len(checked) < max_verifications:
+    verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]] = []
+    while remaining and len(checked) < max_verifications + want - 1 and len(verified) < want:
         if search.predictor is not None and checked and targets.latency_ms is not None:
             limit = targets.latency_ms * (1 + tolerance)
             remaining = [t for t in remaining
@@ -393,20 +452,12 @@ def _finish(
             search.predictor.record(plan, measured_ms)
         checked.append((measured_ms, trial))
         if targets.latency_ms is None or measured_ms <= targets.latency_ms * (1 + tolerance):
-            final = ModelStats(measured_ms, spread, count_flops(model, search.inputs), count_params(model),
-                               search.score(model))
-            plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number, "study": study.study_name,
-                                  "baseline": baseline.to_dict(), "final": final.to_dict(),
-                                  "layer_specs": [c.spec.to_dict() for c in search.candidates]})
-            if search.predictor is not None:
-                plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
-            return SearchResult(
-                model=model, plan=plan, study=study, baseline=baseline, final=final,
-                pareto=pareto_points(study, search.fingerprint), targets=targets.as_dict(),
-                prediction_error=search.predictor.error_summary() if search.predictor is not None else None,
-            )
+            verified.append((trial, plan, model, measured_ms, spread))
+            continue
         log.info("trial %d: measured %.3f ms misses the %.3f ms target; trying the next best plan",
                  trial.number, measured_ms, targets.latency_ms)
+    if verified:
+        return _result(study, search, targets, baseline, verified, finetune_fn)
     # nothing met the budget: report the best achievable
     best_plan, best_ms = None, None
     if checked:

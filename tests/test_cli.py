@@ -95,6 +95,28 @@ def test_optimize_writes_plan_model_export_and_report(optimized) -> None:
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_optimize_with_a_fine_tune_saves_the_fine_tuned_model(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = _main(["optimize", *MODEL_ARGS, "--trials", "6", "--seed", "0", "--out", str(out),
+                               "--finetune-fn", "tests.cli_factory:distill", "--finetune-candidates", "2",
+                               "--no-export"], capsys)
+    assert code == 0, err
+    plan = CompressionPlan.load(out / "plan.json")
+    tuned = plan.metadata["fine_tune"]
+    assert len(tuned["candidates"]) == 2 and tuned["chosen_trial"] == plan.metadata["trial"]
+    chosen = next(c for c in tuned["candidates"] if c["trial"] == tuned["chosen_trial"])
+    assert chosen["score_after"] == max(c["score_after"] for c in tuned["candidates"])
+    # compressed.pt holds the fine-tuned weights; the plan alone rebuilds the model before fine-tuning
+    compressed = load_compressed(out / "compressed.pt", factory=FACTORY)
+    rebuilt = ranksearch.apply_plan(cli_factory.mlp(), plan).eval()
+    assert cli_factory.agreement(compressed) == chosen["score_after"] == plan.metadata["final"]["score"]
+    assert cli_factory.agreement(rebuilt) == chosen["score"]
+    x = torch.randn(4, cli_factory.IN_FEATURES)
+    with torch.no_grad():
+        assert not torch.allclose(compressed(x), rebuilt(x))
+    assert "fine-tuned the 2 best verified plans" in stdout
+
+
 def test_the_study_stays_readable_by_optuna(optimized) -> None:
     study = optuna.load_study(study_name="mlp", storage=f"sqlite:///{optimized['db']}")
     assert len([t for t in study.trials if t.state.is_finished()]) == 5  # --trials is the study's total
@@ -229,6 +251,10 @@ def _state_dict(tmp_path: Path) -> Path:
      "pass threads=1"),
     (["optimize", FACTORY, "--input-shape", "4,32", "--target-latency-ratio", "0.5", "--latency-clock", "sun"], 2,
      "invalid choice: 'sun'"),
+    (["optimize", FACTORY, "--input-shape", "4,32", "--target-flops", "0.5", "--finetune-fn",
+      "tests.cli_factory:no_such_fn"], 1, "no_such_fn"),
+    (["optimize", FACTORY, "--input-shape", "4,32", "--target-flops", "0.5", "--finetune-candidates", "0"], 2,
+     "--finetune-candidates"),
     (["optimize", FACTORY, "--input-shape", "4,-2", "--target-flops", "0.5"], 2, "bad shape '4,-2'"),
     (["optimize", FACTORY, "--target-flops", "zero"], 2, "'zero' is not a number"),
     (["optimize", FACTORY, "--target-flops", "0.5", "--search-space", "nope"], 1, "unknown search space 'nope'"),

@@ -1,0 +1,149 @@
+"""optimize(finetune_fn=...): the final plan is chosen by its score after the user's fine-tune."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import ranksearch
+from ranksearch.search import _distinct_plans
+from examples.digits import accuracy, load_digits_tensors
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    torch.manual_seed(0)
+    data = load_digits_tensors(8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), data
+
+
+def _fine_tune(data, seen: list[nn.Module] | None = None):
+    """Ten full-batch Adam steps on the training split: a real, short fine-tune."""
+
+    def finetune_fn(model: nn.Module) -> None:
+        if seen is not None:
+            seen.append(model)
+        params = [p for p in model.parameters()]
+        assert params and all(p.requires_grad for p in params)  # the search's frozen copies are trainable again
+        optimizer = torch.optim.Adam(params, lr=3e-3)
+        model.train()
+        for _ in range(10):
+            loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return finetune_fn
+
+
+def _search(model, data, **kwargs):
+    return ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
+                               show_progress_bar=False, eval_fn=lambda m: accuracy(m, data.x_test, data.y_test),
+                               **kwargs)
+
+
+def test_the_best_plan_after_fine_tuning_is_returned_fine_tuned(digits_mlp, tmp_path) -> None:
+    model, data = digits_mlp
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[nn.Module] = []
+    result = _search(model, data, finetune_fn=_fine_tune(data, seen), finetune_candidates=3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+
+    records = result.fine_tuned
+    assert records is not None and len(records) == 3 == len(seen)
+    assert len({r.trial for r in records}) == 3
+    assert [r.score for r in records] == sorted((r.score for r in records), reverse=True)  # verified best first
+    chosen = max(records, key=lambda r: r.score_after)
+    assert result.plan.metadata["trial"] == chosen.trial
+    assert result.final.score == chosen.score_after == accuracy(result.model, data.x_test, data.y_test)
+    assert all(r.latency_ms is not None and r.seconds > 0 for r in records)
+    assert not result.model.training
+    # the returned model is the fine-tuned one: the plan alone rebuilds it before fine-tuning
+    rebuilt = ranksearch.apply_plan(model, result.plan).eval()
+    assert accuracy(rebuilt, data.x_test, data.y_test) == chosen.score
+    with torch.no_grad():
+        assert not torch.allclose(rebuilt(data.x_test), result.model(data.x_test))
+    assert result.final.flops <= 0.3 * result.baseline.flops
+    # the plan file says what happened, in plain JSON
+    saved = json.loads(result.plan.save(tmp_path / "plan.json").read_text())
+    recorded = saved["metadata"]["fine_tune"]
+    assert recorded["chosen_trial"] == chosen.trial
+    assert [c["score_after"] for c in recorded["candidates"]] == [r.score_after for r in records]
+    assert "fine-tuned" in result.summary()
+
+
+def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> None:
+    model, data = digits_mlp
+
+    def finetune_fn(m: nn.Module) -> None:
+        m.fine_tuned_marker = True  # the eval below scores marked models in reverse
+
+    def eval_fn(m: nn.Module) -> float:
+        score = accuracy(m, data.x_test, data.y_test)
+        return 1.0 - score if getattr(m, "fine_tuned_marker", False) else score
+
+    result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
+                                 show_progress_bar=False, eval_fn=eval_fn, finetune_fn=finetune_fn)
+    records = result.fine_tuned
+    assert records is not None and len(records) == 3
+    assert records[0].score > records[-1].score  # distinct plans, distinct scores
+    # the worst before fine-tuning is the best after it, and it is the one returned
+    assert result.plan.metadata["trial"] == records[-1].trial
+    assert result.final.score == pytest.approx(1.0 - records[-1].score)
+
+    plain = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
+                                show_progress_bar=False, eval_fn=eval_fn)
+    assert plain.fine_tuned is None
+    assert plain.plan.metadata["trial"] == records[0].trial  # without finetune_fn: the best before
+
+
+def test_a_failing_fine_tune_is_reported_with_what_to_fix(digits_mlp) -> None:
+    model, data = digits_mlp
+
+    def broken(m: nn.Module) -> None:
+        raise RuntimeError("out of data")
+
+    with pytest.raises(ranksearch.EvaluationError, match="finetune_fn raised RuntimeError: out of data"):
+        _search(model, data, finetune_fn=broken)
+
+    def diverging(m: nn.Module) -> None:
+        with torch.no_grad():
+            next(m.parameters()).fill_(float("nan"))
+
+    with pytest.raises(ranksearch.EvaluationError, match="finetune_fn left weights that are not finite"):
+        _search(model, data, finetune_fn=diverging)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"finetune_fn": "train"}, "finetune_fn must be a callable"),
+    ({"finetune_fn": lambda m: None, "finetune_candidates": 0}, "finetune_candidates must be a positive int"),
+    ({"finetune_fn": lambda m: None, "finetune_candidates": True}, "finetune_candidates must be a positive int"),
+])
+def test_bad_fine_tune_arguments_fail_before_any_work(digits_mlp, kwargs, message) -> None:
+    model, data = digits_mlp
+    calls = []
+    with pytest.raises(ranksearch.InvalidInputsError, match=message):
+        ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, show_progress_bar=False,
+                            eval_fn=lambda m: calls.append(1) or 1.0, **kwargs)
+    assert not calls
+
+
+def test_a_plan_found_twice_is_verified_once() -> None:
+    def trial(number: int, plan: list[dict]) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(values=[1.0 - number / 10, 1.0], user_attrs={"plan": plan})
+
+    a = [{"name": "fc1", "method": "svd", "rank": 4}]
+    b = [{"name": "fc1", "method": "svd", "rank": 8}]
+    trials = [trial(0, a), trial(1, b), trial(2, a)]
+    assert _distinct_plans(trials) == [trials[0], trials[1]]
