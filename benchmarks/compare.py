@@ -620,7 +620,7 @@ class Benchmark:
         stats.log = records.lines
         tuned = result.fine_tuned or []
         fine_tune_s = sum(r.seconds for r in tuned)
-        # the plain row leaves out the fine-tunes (not the two extra latency verifications, ~1-2 s each)
+        # the plain row leaves out the fine-tunes (not the extra latency verifications, ~1-3 s each)
         row.compress_s, ft_row.compress_s = total_s - fine_tune_s, total_s
 
         # the search fine-tuned each verified plan with this benchmark's fine-tune: reuse its test scores

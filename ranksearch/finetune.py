@@ -39,7 +39,7 @@ class FineTuned:
 
     trial: int
     plan: CompressionPlan
-    latency_ms: float | None  # verified (timed alternately with the original); None without a latency target
+    latency_ms: float  # verified: timed alternately with the original (for FLOP or parameter budgets too)
     score: float  # before fine-tuning: what the search ranked it by
     score_after: float
     seconds: float  # the fine-tune and the scoring after it
@@ -82,7 +82,7 @@ def fine_tuned(model: nn.Module, finetune_fn: FineTuneFn) -> nn.Module:
     return tuned.eval()
 
 
-def pick_after_finetune(verified: list[tuple[Any, CompressionPlan, nn.Module, float | None]],
+def pick_after_finetune(verified: list[tuple[Any, CompressionPlan, nn.Module, float]],
                         finetune_fn: FineTuneFn, score: Callable[[nn.Module], float]
                         ) -> tuple[int, nn.Module, list[FineTuned]]:
     """Fine-tune each verified ``(trial, plan, model, latency_ms)`` and score it again.

@@ -437,6 +437,7 @@ def _finish(
     remaining = _distinct_plans(best_feasible(trials))
     checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
     verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]] = []
+    # up to max_verifications checks, and one more per extra plan wanted
     while remaining and len(checked) < max_verifications + want - 1 and len(verified) < want:
         if search.predictor is not None and checked and targets.latency_ms is not None:
             limit = targets.latency_ms * (1 + tolerance)
