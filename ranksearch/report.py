@@ -190,6 +190,7 @@ def _gather(result: SearchResult | None, plan: CompressionPlan | None, study: An
             notes.append(result.message)
     else:
         baseline = meta.get("baseline") or study_attrs.get("baseline")
+        notes += _fine_tune_notes(meta.get("fine_tune"))
     if plan is None and study is not None:
         best = _best_trial(study)
         if best is None:
@@ -253,6 +254,17 @@ def _targets_text(targets: Mapping[str, float]) -> str:
     if "params" in targets:
         parts.append(f"parameters <= {targets['params']:,.0f}")
     return ", ".join(parts) or "none recorded"
+
+
+def _fine_tune_notes(fine_tune: Any) -> list[str]:
+    """What ``optimize(finetune_fn=...)`` recorded in the plan: the quality score is after fine-tuning."""
+    if not isinstance(fine_tune, Mapping) or not fine_tune.get("candidates"):
+        return []
+    tried = "; ".join(f"trial {c.get('trial')}: {_num(c.get('score'), 4)} -> {_num(c.get('score_after'), 4)}"
+                      for c in fine_tune["candidates"])
+    return [f"the model was fine-tuned by finetune_fn: the quality score is after fine-tuning, and trial "
+            f"{fine_tune.get('chosen_trial')} scored best of the candidates (before -> after: {tried}); the plan "
+            "alone rebuilds the model before fine-tuning"]
 
 
 def _comparison(fig: _Figures) -> list[str]:

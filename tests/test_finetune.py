@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ranksearch
+from ranksearch.report import write_report
 from ranksearch.search import _distinct_plans
 from examples.digits import accuracy, load_digits_tensors
 
@@ -81,6 +82,10 @@ def test_the_best_plan_after_fine_tuning_is_returned_fine_tuned(digits_mlp, tmp_
     assert recorded["chosen_trial"] == chosen.trial
     assert [c["score_after"] for c in recorded["candidates"]] == [r.score_after for r in records]
     assert "fine-tuned" in result.summary()
+    # a report from the plan file alone says the score is after fine-tuning
+    report = write_report(tmp_path / "report", plan=ranksearch.CompressionPlan.load(tmp_path / "plan.json"))
+    assert (f"the model was fine-tuned by finetune_fn: the quality score is after fine-tuning, and trial "
+            f"{chosen.trial} scored best") in report.read_text()
 
 
 def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> None:
