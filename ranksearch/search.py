@@ -43,9 +43,10 @@ from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
 from .finetune import FineTuneFn, check_finetune, pick_after_finetune
+from .fitting import choices_key
 from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
 from .neighbours import NeighbourMoves
-from .plan import CompressionPlan, model_fingerprint
+from .plan import KEEP, CompressionPlan, model_fingerprint
 from .quality import FidelityScorer, calibration_batches, checked_score
 from .rebuild import apply_plan, check_finite_parameters
 from .result import ModelStats, SearchResult
@@ -369,11 +370,16 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
 
 
 def _distinct_plans(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The first trial of each plan (samplers repeat plans; one verification per plan is enough)."""
+    """The first trial of each plan (samplers repeat plans; one verification per plan is enough).
+
+    Plans are compared by their choices only: the same plan reached by a seed and by a sampled
+    trial records different origins.
+    """
     seen: set[str] = set()
     distinct = []
     for trial in trials:
-        key = json.dumps(trial.user_attrs.get("plan"), sort_keys=True)
+        key = choices_key({layer["name"]: (layer["method"], layer.get("rank"))
+                           for layer in trial.user_attrs.get("plan", []) if layer["method"] != KEEP})
         if key not in seen:
             seen.add(key)
             distinct.append(trial)

@@ -148,7 +148,9 @@ def test_a_plan_found_twice_is_verified_once() -> None:
     def trial(number: int, plan: list[dict]) -> optuna.trial.FrozenTrial:
         return optuna.trial.create_trial(values=[1.0 - number / 10, 1.0], user_attrs={"plan": plan})
 
-    a = [{"name": "fc1", "method": "svd", "rank": 4}]
-    b = [{"name": "fc1", "method": "svd", "rank": 8}]
-    trials = [trial(0, a), trial(1, b), trial(2, a)]
+    a = [{"name": "fc1", "method": "svd", "rank": 4, "origin": "seed:vbmf"}]
+    b = [{"name": "fc1", "method": "svd", "rank": 8, "origin": "trial:1"}]
+    a_again = [{"name": "fc1", "method": "svd", "rank": 4, "origin": "trial:2"},  # found by another route
+               {"name": "fc2", "method": "keep", "origin": "trial:2"}]
+    trials = [trial(0, a), trial(1, b), trial(2, a_again)]
     assert _distinct_plans(trials) == [trials[0], trials[1]]
