@@ -19,6 +19,11 @@ Moves act on the plan's exact (method, rank) choices, not on the sampler's round
 neighbour of a plan fitted tightly to the budget differs from it only where it was moved. The
 sampler still proposes the other trials, so the search keeps exploring; a neighbour that breaks
 the budget is pruned like any other trial.
+
+The last trials of the budget (``_ENDGAME_SHARE`` of them, at least ``_ENDGAME_MIN``) are all
+neighbours: a best plan found late (often a neighbour itself, a few percent under the budget)
+would otherwise get one move at most before the search ends, and the slack it leaves is quality
+given away on a budget where quality falls steeply with latency.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ _FAILED_GROWS = 2
 # the share of a plan's slack one grow spends: latency is not smooth in the ranks (kernels change
 # with shapes), so a grow aimed at the whole slack often overshoots; the next grow takes the rest
 _GROW_SHARE = 0.5
+# the last trials that are all neighbours (a share of the trial budget, and a minimum)
+_ENDGAME_SHARE = 0.15
+_ENDGAME_MIN = 2
 
 
 def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
@@ -149,7 +157,8 @@ def _move(choices: Choices, searchable: Sequence[LayerCandidates], space: Search
 
 
 class NeighbourMoves:
-    """Optuna callback: after every other finished trial, queue a neighbour of the best feasible one.
+    """Optuna callback: after every other finished trial, queue a neighbour of the best feasible one
+    (after every trial in the endgame, the last trials of the budget).
 
     Args:
         runner: the search's trial runner (layers, space, and how a plan is queued).
@@ -161,12 +170,14 @@ class NeighbourMoves:
         self.runner = runner
         self.total = total
         self.rng = np.random.default_rng(seed)
+        self.endgame = max(_ENDGAME_MIN, round(_ENDGAME_SHARE * total))
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
-        if waiting or len(trials) >= self.total or "neighbour_of" in trial.user_attrs:
-            return  # seeds first; then neighbours alternate with the sampler's trials
+        endgame = len(trials) >= self.total - self.endgame
+        if waiting or len(trials) >= self.total or ("neighbour_of" in trial.user_attrs and not endgame):
+            return  # seeds first; then neighbours alternate with the sampler's trials, then only neighbours
         best = best_feasible(trials)
         if not best:
             return

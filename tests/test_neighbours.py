@@ -1,4 +1,5 @@
-"""ranksearch.neighbours: local moves around the best plan, alternating with the sampler's trials."""
+"""ranksearch.neighbours: local moves around the best plan, alternating with the sampler's trials
+and taking the last trials of the budget."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 import ranksearch
 from ranksearch.layers import capture_layer_specs
+from ranksearch import neighbours
 from ranksearch.neighbours import grown_choices, neighbour_choices
 from ranksearch.space import load_space
 
@@ -42,21 +44,24 @@ def test_moves_change_few_layers_and_stay_in_the_space(conv_candidates) -> None:
     assert choices == original  # the input is not modified
 
 
-def test_neighbours_alternate_with_sampled_trials_after_the_seeds() -> None:
+def test_neighbours_alternate_with_sampled_trials_then_take_the_endgame() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
                           nn.Linear(96, 10)).eval()
     x = torch.randn(32, 1, 8, 8)
-    result = ranksearch.optimize(model, x, target_flops=0.5, n_trials=24, seed=0, show_progress_bar=False,
+    result = ranksearch.optimize(model, x, target_flops=0.5, n_trials=40, seed=0, show_progress_bar=False,
                                  sensitivity=False)
     trials = result.study.trials
+    assert len(trials) == 40  # the endgame's neighbours are part of the trial budget, not extra
     kinds = ["seed" if "seed" in t.user_attrs else "neighbour" if "neighbour_of" in t.user_attrs else "sampled"
              for t in trials]
     first_other = next(i for i, k in enumerate(kinds) if k != "seed")
     assert all(k == "seed" for k in kinds[:first_other]) and "seed" not in kinds[first_other:]
-    after = kinds[first_other:]
-    assert after.count("neighbour") >= len(after) // 2 - 1
-    assert all(not (a == b == "neighbour") for a, b in zip(after, after[1:]))
+    endgame = max(neighbours._ENDGAME_MIN, round(neighbours._ENDGAME_SHARE * 40))
+    middle, last = kinds[first_other:40 - endgame], kinds[40 - endgame:]
+    assert middle.count("neighbour") >= len(middle) // 2 - 1
+    assert all(not (a == b == "neighbour") for a, b in zip(middle, middle[1:]))
+    assert endgame == 6 and last == ["neighbour"] * endgame  # the last trials only refine the best plan
     for t in trials:
         if "neighbour_of" in t.user_attrs:
             parent = trials[t.user_attrs["neighbour_of"]]
