@@ -14,10 +14,12 @@ How a search runs:
 5. The others are rebuilt (only the changed layers are swapped in a working copy) and the whole
    model's latency is measured; that measurement decides feasibility and calibrates the latency
    predictor. Feasible trials are scored. After the seeds, every other trial is a neighbour of the
-   best feasible plan so far (``ranksearch.neighbours``); the sampler proposes the others.
+   best feasible plan so far, and the last trials all are (``ranksearch.neighbours``); the sampler
+   proposes the others.
 6. The best feasible plan is rebuilt from the original and its latency measured again, alternately
-   with the original so that the machine's drift during the search cancels out; if it misses the
-   target, the next best is tried; if none meets it, TargetUnreachableError says so.
+   with the original so that the machine's drift during the search cancels out (a close call is
+   timed for more rounds); if it misses the target, the next best is tried; if none meets it,
+   TargetUnreachableError says so.
 
 The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
 latency target is set), so its Pareto front answers other budgets too.

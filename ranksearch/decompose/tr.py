@@ -27,9 +27,9 @@ from tensorly.decomposition import tensor_ring
 from torch import nn
 
 from ..layers import LayerSpec
-from ._reshape import ChainStep, build_chain, chain_flops_per_position, chain_params
-from .base import DecompositionMethod, LayerCost, Rank, factor_cache, register, weight_as_float
-from .tt import TensorLayout, choose_layout, layout_unsupported_reason, tensorly_torch
+from ._reshape import ChainStep
+from .base import Rank, factor_cache, register, weight_as_float
+from .tt import TensorizedChain, TensorLayout, choose_layout, tensorly_torch
 
 __all__ = ["TensorRing", "load_tr_cores", "ring_split_mode", "tr_steps"]
 
@@ -67,28 +67,15 @@ def tr_steps(layout: TensorLayout, rank: int) -> list[ChainStep]:
 
 
 @register
-class TensorRing(DecompositionMethod):
+class TensorRing(TensorizedChain):
     name = "tr"
-    kinds = ("linear",)
     summary = "tensor ring: Linear -> ring-closed chain of small Linears over tensorized modes (Wang 2018)"
-
-    def unsupported_reason(self, spec: LayerSpec) -> str | None:
-        return super().unsupported_reason(spec) or layout_unsupported_reason(spec)
 
     def rank_bounds(self, spec: LayerSpec) -> tuple[int, int]:
         return 1, ring_split_mode(choose_layout(spec.in_features, spec.out_features))[1]
 
     def _steps(self, spec: LayerSpec, rank: Rank) -> list[ChainStep]:
         return tr_steps(choose_layout(spec.in_features, spec.out_features), int(rank))  # type: ignore[arg-type]
-
-    def cost(self, spec: LayerSpec, rank: Rank) -> LayerCost:
-        steps = self._steps(spec, rank)
-        params = chain_params(steps) + (spec.out_features if spec.bias else 0)
-        flops = spec.positions * chain_flops_per_position(steps) if spec.input_shape is not None else 0
-        return LayerCost(flops=flops, params=params)
-
-    def structure(self, spec: LayerSpec, rank: Rank) -> nn.Module:
-        return build_chain(self._steps(spec, rank), spec.out_features, bias=spec.bias)
 
     def cores(self, layer: nn.Module, spec: LayerSpec, rank: int) -> list[torch.Tensor]:
         """Ring cores ``G_k[R, o_k, i_k, R]`` of ``layer``'s weight (float64, cached per rank)."""
@@ -106,10 +93,8 @@ class TensorRing(DecompositionMethod):
 
         return factor_cache.get(layer.weight, ("tr", layout, rank), compute)
 
-    def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
-        load_tr_cores(replacement, self.cores(layer, spec, int(rank)))  # type: ignore[arg-type]
-        if spec.bias:
-            replacement.bias.copy_(layer.bias.detach())  # type: ignore[union-attr]
+    def load_cores(self, replacement: nn.Module, cores: Sequence[torch.Tensor]) -> None:
+        load_tr_cores(replacement, cores)
 
 
 def load_tr_cores(replacement: nn.Module, cores: Sequence[torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import abstractmethod
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from ._reshape import ChainStep, build_chain, chain_flops_per_position, chain_pa
 from .base import DecompositionMethod, LayerCost, Rank, factor_cache, register, weight_as_float
 
 __all__ = [
-    "TensorLayout", "TensorTrain", "balanced_factors", "choose_layout", "load_tt_cores", "tt_ranks", "tt_steps",
+    "TensorLayout", "TensorTrain", "TensorizedChain", "balanced_factors", "choose_layout", "load_tt_cores", "tt_ranks", "tt_steps",
 ]
 
 #: most modes a layer is split into (more modes compress more but add steps, each a copy)
@@ -187,21 +188,28 @@ def layout_unsupported_reason(spec: LayerSpec) -> str | None:
     return None
 
 
-@register
-class TensorTrain(DecompositionMethod):
-    name = "tt"
+class TensorizedChain(DecompositionMethod):
+    """What tensor train and tensor ring share: a Linear's weight tensorized by :func:`choose_layout`,
+    replaced by a chain of small Linears (:func:`~ranksearch.decompose._reshape.build_chain`) whose
+    weights are the decomposition's cores. A subclass says which chain (``_steps``), how the cores
+    are computed (``cores``) and how they fill the chain (``load_cores``)."""
+
     kinds = ("linear",)
-    summary = "tensor train: Linear -> chain of small Linears over tensorized modes (Novikov 2015)"
 
     def unsupported_reason(self, spec: LayerSpec) -> str | None:
         return super().unsupported_reason(spec) or layout_unsupported_reason(spec)
 
-    def rank_bounds(self, spec: LayerSpec) -> tuple[int, int]:
-        return 1, max(choose_layout(spec.in_features, spec.out_features).bond_bounds())
-
+    @abstractmethod
     def _steps(self, spec: LayerSpec, rank: Rank) -> list[ChainStep]:
-        layout = choose_layout(spec.in_features, spec.out_features)
-        return tt_steps(layout, tt_ranks(layout, int(rank)))  # type: ignore[arg-type]
+        """The chain of steps for this rank."""
+
+    @abstractmethod
+    def cores(self, layer: nn.Module, spec: LayerSpec, rank: int) -> list[torch.Tensor]:
+        """The decomposition's cores of ``layer``'s weight."""
+
+    @abstractmethod
+    def load_cores(self, replacement: nn.Module, cores: Sequence[torch.Tensor]) -> None:
+        """Write ``cores`` into a chain built by :meth:`structure`."""
 
     def cost(self, spec: LayerSpec, rank: Rank) -> LayerCost:
         steps = self._steps(spec, rank)
@@ -211,6 +219,24 @@ class TensorTrain(DecompositionMethod):
 
     def structure(self, spec: LayerSpec, rank: Rank) -> nn.Module:
         return build_chain(self._steps(spec, rank), spec.out_features, bias=spec.bias)
+
+    def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
+        self.load_cores(replacement, self.cores(layer, spec, int(rank)))  # type: ignore[arg-type]
+        if spec.bias:
+            replacement.bias.copy_(layer.bias.detach())  # type: ignore[union-attr]
+
+
+@register
+class TensorTrain(TensorizedChain):
+    name = "tt"
+    summary = "tensor train: Linear -> chain of small Linears over tensorized modes (Novikov 2015)"
+
+    def rank_bounds(self, spec: LayerSpec) -> tuple[int, int]:
+        return 1, max(choose_layout(spec.in_features, spec.out_features).bond_bounds())
+
+    def _steps(self, spec: LayerSpec, rank: Rank) -> list[ChainStep]:
+        layout = choose_layout(spec.in_features, spec.out_features)
+        return tt_steps(layout, tt_ranks(layout, int(rank)))  # type: ignore[arg-type]
 
     def rank_matrices(self, layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
         """The unfolding at the bond with the largest bound (the one the top rank is set by)."""
@@ -238,10 +264,8 @@ class TensorTrain(DecompositionMethod):
 
         return factor_cache.get(layer.weight, ("tt", layout, ranks), compute)
 
-    def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
-        load_tt_cores(replacement, self.cores(layer, spec, int(rank)))  # type: ignore[arg-type]
-        if spec.bias:
-            replacement.bias.copy_(layer.bias.detach())  # type: ignore[union-attr]
+    def load_cores(self, replacement: nn.Module, cores: Sequence[torch.Tensor]) -> None:
+        load_tt_cores(replacement, cores)
 
 
 def load_tt_cores(replacement: nn.Module, cores: Sequence[torch.Tensor]) -> None:
