@@ -34,7 +34,9 @@ ratios), scored on a test split no search or knob ever saw, fine-tuned the same 
 every other row, and scored again. All timings: one thread, thread CPU time (steady on a shared
 machine; see benchmarks/bench_cost_models.py), through ``ranksearch.cost.measure_latency``.
 
-Writes benchmarks/RESULTS.md and benchmarks/results/quality_vs_latency.png and prints the tables.
+Writes benchmarks/RESULTS.md and benchmarks/results/quality_vs_latency.png and prints the tables; a
+full run of the standard configuration also appends its verdicts to benchmarks/results/verdicts.jsonl
+(``history.py``), and RESULTS.md shows the last runs' verdicts side by side.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ from baselines import (
     tltorch_model,
     uniform_choices,
 )
+import history
 from models import Task, cnn_task, minilm_task
 
 import ranksearch
@@ -571,7 +574,7 @@ class Benchmark:
         task, model = setting.task, setting.task.model
         row = Row(task.name, setting.batch, target, "ranksearch")
         ft_row = Row(task.name, setting.batch, target, FT_METHOD)
-        trials = self.args.trials or (24 if self.quick else (26 if task.name == "cnn" else 20))
+        trials = self.args.trials or (24 if self.quick else (24 if task.name == "cnn" else 18))
         base_ms = statistics.median(cpu_latency_ms(model, setting.inputs, 0.2) for _ in range(5))
         stats = SearchStats(task.name, setting.batch, target)
         records = _LogRecorder()
@@ -839,9 +842,11 @@ class Benchmark:
 
     # -- the report -----------------------------------------------------------------------------
 
-    def verdicts(self) -> list[str]:
+    def verdicts(self) -> tuple[list[str], list[dict[str, Any]]]:
         """Per setting: ranksearch against the best baseline without fine-tuning, and ranksearch with
-        ``finetune_fn`` against the best baseline after the same fine-tune."""
+        ``finetune_fn`` against the best baseline after the same fine-tune. Returns the table's lines
+        and, per setting, the verdict words (for ``history``)."""
+        records: list[dict[str, Any]] = []
         lines = [("| model | batch | target | ranksearch: latency, test | best baseline meeting the target: latency, "
                   "test | >= it? | ranksearch-ft: latency, test after FT | best baseline after FT | >= it? |"),
                  "|---|---|---|---|---|---|---|---|---|"]
@@ -850,22 +855,25 @@ class Benchmark:
             others = [r for r in rows if not _ours(r) and r.meets and r.quality is not None]
             n = self.headline_n.get(key[0])
             cells = [f"| {key[0]} | {key[1]} | {key[2]:.2f} |"]
+            record: dict[str, Any] = {"model": key[0], "batch": key[1], "target": key[2]}
             for method, after_ft in (("ranksearch", False), (FT_METHOD, True)):
                 ours = next((r for r in rows if r.method == method), None)
                 if ours is None or ours.quality is None or ours.latency is None:
-                    cells.append(f" {ours.note[:90] if ours else 'missing'} | - | **no** |")
-                    continue
-                text = f"{ours.latency.ratio:.2f}{'' if ours.meets else ' (misses)'}, {ours.headline(after_ft):.4f}"
-                if not others:
-                    cells.append(f" {text} | none meets it | {'yes' if ours.meets else '**no** (misses)'} |")
-                    continue
-                best = max(others, key=lambda r: r.headline(after_ft))
-                assert best.latency is not None
-                verdict = _verdict(ours.meets, ours.headline(after_ft), best.headline(after_ft), n)
-                cells.append(f" {text} | {best.method}: {best.latency.ratio:.2f}, {best.headline(after_ft):.4f} | "
-                             f"{verdict} |")
+                    verdict = "**no**"
+                    cells.append(f" {ours.note[:90] if ours else 'missing'} | - | {verdict} |")
+                elif not others:
+                    verdict = "yes" if ours.meets else "**no** (misses)"
+                    cells.append(f" {_ours_cell(ours, after_ft)} | none meets it | {verdict} |")
+                else:
+                    best = max(others, key=lambda r: r.headline(after_ft))
+                    assert best.latency is not None
+                    verdict = _verdict(ours.meets, ours.headline(after_ft), best.headline(after_ft), n)
+                    cells.append(f" {_ours_cell(ours, after_ft)} | {best.method}: {best.latency.ratio:.2f}, "
+                                 f"{best.headline(after_ft):.4f} | {verdict} |")
+                record[method] = history.verdict_word(verdict)
             lines.append("".join(cells))
-        return lines
+            records.append(record)
+        return lines, records
 
     def efficiency_table(self) -> list[str]:
         lines = [("| model | batch | target (search's / benchmark's timing of the original) | trials: seeds / evaluated (sampled) / pruned / "
@@ -895,7 +903,12 @@ class Benchmark:
 
     def write(self, elapsed: float) -> str:
         figure = plot(self.rows, FIGURE)
+        verdict_lines, verdicts = self.verdicts()
         spreads = sorted((r.latency.high - r.latency.low) / r.latency.ratio for r in self.rows if r.latency)
+        if self.args.standard:  # only runs of the one standard configuration are comparable
+            history.record(verdicts, minutes=elapsed / 60, commit=history.git_commit(HERE.parent),
+                           spread=statistics.median(spreads) if spreads else None)
+        runs = history.load()
         mode = "quick" if self.quick else "full"
         out = [
             "# ranksearch vs baselines and peers",
@@ -931,9 +944,17 @@ class Benchmark:
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
              "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here."),
             "",
-            *self.verdicts(),
+            *verdict_lines,
             "",
         ]
+        if runs:
+            out += ["## Verdicts across runs", "",
+                    (f"The same verdicts (without fine-tuning / after it) in the last {min(len(runs), history.SHOWN)} "
+                     "full runs of the standard configuration (`python benchmarks/compare.py`, from "
+                     "`results/verdicts.jsonl`; the commit each ran at). Latency ratios between two timing phases of "
+                     "one process differ by several percent on this machine, and at 0.5x and 0.35x a few percent of "
+                     "latency moves accuracy by tenths: a verdict that changes between runs is within that noise."),
+                    "", *history.history_md(runs), ""]
         if figure:
             out += [f"![quality vs measured latency ratio]({figure.relative_to(HERE).as_posix()})", ""]
         for name, notes in self.notes.items():
@@ -1021,6 +1042,11 @@ def _ours(row: Row) -> bool:
     return row.method in ("ranksearch", FT_METHOD)
 
 
+def _ours_cell(row: Row, after_ft: bool) -> str:
+    assert row.latency is not None
+    return f"{row.latency.ratio:.2f}{'' if row.meets else ' (misses)'}, {row.headline(after_ft):.4f}"
+
+
 def _join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
@@ -1091,13 +1117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=None,
                         help="comma-separated latency ratios (default 0.7,0.5,0.35; quick 0.5)")
     parser.add_argument("--trials", type=int, default=None,
-                        help="ranksearch trials (default 26 CNN / 20 MiniLM; quick 24)")
+                        help="ranksearch trials (default 24 CNN / 18 MiniLM; quick 24)")
     parser.add_argument("--batch1-only", action="store_true", help="time batch 1 only (skip the server batch)")
     parser.add_argument("--skip-aimet", action="store_true")
     parser.add_argument("--skip-tltorch", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    # the configuration whose verdicts are kept across runs (benchmarks/history.py)
+    args.standard = not (args.quick or args.models or args.targets or args.trials or args.batch1_only
+                         or args.skip_aimet or args.skip_tltorch or args.seed)
     default_targets = (0.5,) if args.quick else TARGETS
     args.targets = tuple(float(t) for t in args.targets.split(",")) if args.targets else default_targets
     models = args.models.split(",") if args.models else (["cnn"] if args.quick else ["cnn", "minilm"])

@@ -445,10 +445,10 @@ def _finish(
     remaining = _distinct_plans(best_feasible(trials))
     checked: list[tuple[float, optuna.trial.FrozenTrial]] = []
     verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]] = []
+    limit = targets.latency_ms * (1 + tolerance) if targets.latency_ms is not None else None
     # up to max_verifications checks, and one more per extra plan wanted
     while remaining and len(checked) < max_verifications + want - 1 and len(verified) < want:
-        if search.predictor is not None and checked and targets.latency_ms is not None:
-            limit = targets.latency_ms * (1 + tolerance)
+        if search.predictor is not None and checked and limit is not None:
             remaining = [t for t in remaining
                          if search.predictor.predict(plan_of(t, search.fingerprint)) <= limit]
             if not remaining:
@@ -456,11 +456,11 @@ def _finish(
         trial = remaining.pop(0)
         plan = plan_of(trial, search.fingerprint)
         model = apply_plan(search.reference, plan).eval()
-        measured_ms, spread = search.verified_latency(model)
+        measured_ms, spread = search.verified_latency(model, limit_ms=limit)
         if search.predictor is not None:
             search.predictor.record(plan, measured_ms)
         checked.append((measured_ms, trial))
-        if targets.latency_ms is None or measured_ms <= targets.latency_ms * (1 + tolerance):
+        if limit is None or measured_ms <= limit:
             verified.append((trial, plan, model, measured_ms, spread))
             continue
         log.info("trial %d: measured %.3f ms misses the %.3f ms target; trying the next best plan",

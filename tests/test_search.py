@@ -309,11 +309,13 @@ def test_a_close_final_check_is_timed_again_and_decided_on_all_rounds() -> None:
     # rounds of (original, plan): ratios 0.9, 1.05, 0.95 straddle the 1.0 ms target: three more rounds
     close = [1.0, 0.9, 1.0, 1.05, 1.0, 0.95] + [1.0, 1.1, 1.0, 1.08, 1.0, 1.02]
     runner = _runner_with_timer(close, target_ms=1.0)
-    ms, _ = runner.verified_latency(nn.Identity(), rounds=3)
+    ms, _ = runner.verified_latency(nn.Identity(), rounds=3, limit_ms=1.0)
     assert ms == pytest.approx(1.035)  # the median of six: (1.02 + 1.05) / 2, over the target
-    # a clear answer is not timed again (the timer would run out)
+    # a clear answer is not timed again (the timer would run out): well under, or the limit above the range
     runner = _runner_with_timer([1.0, 0.5, 1.0, 0.55, 1.0, 0.6], target_ms=1.0)
-    assert runner.verified_latency(nn.Identity(), rounds=3)[0] == pytest.approx(0.55)
+    assert runner.verified_latency(nn.Identity(), rounds=3, limit_ms=1.0)[0] == pytest.approx(0.55)
+    runner = _runner_with_timer(close[:6], target_ms=1.0)
+    assert runner.verified_latency(nn.Identity(), rounds=3, limit_ms=1.06)[0] == pytest.approx(0.95)
 
 
 def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from abc import abstractmethod
 import warnings
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +32,8 @@ from ._reshape import ChainStep, build_chain, chain_flops_per_position, chain_pa
 from .base import DecompositionMethod, LayerCost, Rank, factor_cache, register, weight_as_float
 
 __all__ = [
-    "TensorLayout", "TensorTrain", "TensorizedChain", "balanced_factors", "choose_layout", "load_tt_cores", "tt_ranks", "tt_steps",
+    "TensorLayout", "TensorTrain", "TensorizedChain", "balanced_factors", "choose_layout", "load_tt_cores", "tt_ranks",
+    "tt_steps",
 ]
 
 #: most modes a layer is split into (more modes compress more but add steps, each a copy)
