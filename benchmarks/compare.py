@@ -906,7 +906,7 @@ class Benchmark:
         verdict_lines, verdicts = self.verdicts()
         spreads = sorted((r.latency.high - r.latency.low) / r.latency.ratio for r in self.rows if r.latency)
         if self.args.standard:  # only runs of the one standard configuration are comparable
-            history.record(verdicts, minutes=elapsed / 60, commit=history.git_commit(HERE.parent),
+            history.record(verdicts, minutes=elapsed / 60, commit=self.args.commit,
                            spread=statistics.median(spreads) if spreads else None)
         runs = history.load()
         mode = "quick" if self.quick else "full"
@@ -1127,6 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
     # the configuration whose verdicts are kept across runs (benchmarks/history.py)
     args.standard = not (args.quick or args.models or args.targets or args.trials or args.batch1_only
                          or args.skip_aimet or args.skip_tltorch or args.seed)
+    args.commit = history.git_commit(HERE.parent)  # now: the run rewrites tracked files (RESULTS.md, the figure)
     default_targets = (0.5,) if args.quick else TARGETS
     args.targets = tuple(float(t) for t in args.targets.split(",")) if args.targets else default_targets
     models = args.models.split(",") if args.models else (["cnn"] if args.quick else ["cnn", "minilm"])

@@ -95,7 +95,7 @@ def pick_after_finetune(verified: list[tuple[Any, CompressionPlan, nn.Module, fl
     best_index, best_model = 0, None
     for index, (trial, plan, model, latency_ms) in enumerate(verified):
         started = time.perf_counter()
-        before = trial.values[0]
+        before = trial.values[0] if trial.values else score(model)  # a plan re-checked after a miss was never scored
         tuned = fine_tuned(model, finetune_fn)
         after = score(tuned)
         records.append(FineTuned(trial.number, plan, latency_ms, before, after, time.perf_counter() - started))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import optuna
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import ranksearch
+import ranksearch.study
 from ranksearch.cost import count_flops, measure_latency
 from examples.digits import accuracy, load_digits_tensors
 
@@ -328,6 +330,41 @@ def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:
     second = runner.measured_latency(runner.make_plan({"0": ("svd", 2)}, "test"))
     assert first == pytest.approx(1.0 / 1.5)  # the median of the original's timings so far: 1.0 and 2.0
     assert second == pytest.approx(0.5)  # now the median of 1.0, 2.0, 2.0: twice as slow as at the start
+
+
+def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    original_flops = count_flops(model, x)
+    slow = {"on": True}
+
+    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; compressed models 10x slower during the trials
+        flops = count_flops(m, inputs)
+        return flops / 1e6 * (10 if slow["on"] and flops < original_flops else 1)
+
+    finish = ranksearch.search._finish
+
+    def spell_over(*args, **kwargs):  # the machine is quiet again for the final checks
+        slow["on"] = False
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(ranksearch.search, "_finish", spell_over)
+    kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=6, seed=0, show_progress_bar=False,
+                  sensitivity=False)
+    result = ranksearch.optimize(model, x, **kwargs)
+    trials = result.study.trials
+    assert not any(t.state == optuna.trial.TrialState.COMPLETE and ranksearch.study.is_feasible(t) for t in trials)
+    assert result.final.latency_ms <= 0.5 * 1.05 * result.baseline.latency_ms
+    assert result.plan.replaced and math.isfinite(result.final.score)
+    chosen = trials[result.plan.metadata["trial"]]
+    assert chosen.constraints["latency"] > 0  # a plan the trials had ruled out on its (slow) latency
+
+    slow["on"] = True
+    monkeypatch.setattr(ranksearch.search, "_RECHECKS", 0)  # without the second look: nothing met the target
+    with pytest.raises(ranksearch.TargetUnreachableError):
+        ranksearch.optimize(model, x, **kwargs)
 
 
 def test_latency_target_as_a_ratio_of_the_originals_latency(digits_mlp, tmp_path) -> None:
