@@ -91,8 +91,8 @@ def history_md(runs: Sequence[dict[str, Any]], shown: int = SHOWN) -> list[str]:
     for model, batch, target in settings:
         cells, pairs = [], []
         for run in runs:
-            found = next((v for v in run["verdicts"] if (v["model"], v["batch"], v["target"]) == (model, batch, target)),
-                         None)
+            by_setting = {(v["model"], v["batch"], v["target"]): v for v in run["verdicts"]}
+            found = by_setting.get((model, batch, target))
             pair = (found["ranksearch"], found["ranksearch-ft"]) if found else None
             pairs.append(pair)
             cells.append(f"{pair[0]} / {pair[1]}" if pair else "-")
