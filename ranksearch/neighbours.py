@@ -44,7 +44,7 @@ from .warmstart import Seed
 if TYPE_CHECKING:
     from .trials import TrialRunner
 
-__all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices"]
+__all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices", "tightened_choices"]
 
 # a plan this far (relative) under its budget has slack worth spending (about the measurement noise)
 _SLACK = 0.03
@@ -94,6 +94,32 @@ def grown_choices(choices: Choices, searchable: Sequence[LayerCandidates], space
             if name in out:
                 open_layers.append(name)  # it may take another step later
     return out
+
+
+def tightened_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
+                      fits: Callable[[Choices], bool], step: float = 0.02) -> Choices | None:
+    """``choices`` with every compressed layer's cost fraction cut by one shared factor, the smallest
+    cut (in ``step``s) that ``fits`` accepts; ``None`` when even the cheapest ranks do not fit.
+
+    The plan keeps its shape - which layers are compressed, by which method, and how the budget is
+    shared between them - so its quality falls about as little as the cut: the repair for a plan that
+    misses its latency target by a few percent (see ``ranksearch.search``).
+    """
+    by_name = {c.spec.name: c for c in searchable}
+    fractions = {name: space.cost_fraction_of(by_name[name].spec, method, rank)
+                 for name, (method, rank) in choices.items() if name in by_name}
+    for k in range(1, int(round(1 / step))):
+        scale = 1 - k * step
+        cut = dict(choices)
+        for name, fraction in fractions.items():
+            method, rank = choices[name]
+            spec = by_name[name].spec
+            smaller = space.rank_for(spec, method, max(space.cost_fraction_low, fraction * scale))
+            if smaller is not None and space.cost_fraction_of(spec, method, smaller) < fraction:
+                cut[name] = (method, smaller)  # (rounding can land back on the rank, or above it)
+        if cut != choices and fits(cut):
+            return cut
+    return None
 
 
 def _next_rank_up(spec: LayerSpec, method: str, rank: Rank, space: SearchSpace) -> Rank | None:

@@ -12,7 +12,7 @@ from torch import nn
 import ranksearch
 from ranksearch.layers import capture_layer_specs
 from ranksearch import neighbours
-from ranksearch.neighbours import grown_choices, neighbour_choices
+from ranksearch.neighbours import grown_choices, neighbour_choices, tightened_choices
 from ranksearch.space import load_space
 
 
@@ -93,6 +93,36 @@ def test_grow_spends_the_slack_and_no_more(conv_candidates) -> None:
                 assert space.cost_fraction_of(cand.spec, *grown[name]) >= space.cost_fraction_of(cand.spec, *choices[name])
         # saturated: no compressed layer can take one more step within the budget
         assert grown_choices(grown, searchable, space, np.random.default_rng(seed + 10), fits) == grown
+
+def test_tighten_cuts_every_compressed_layer_by_the_least_that_fits(conv_candidates) -> None:
+    searchable, space = conv_candidates
+    # the first layer kept, the others compressed at 0.6 of their cost
+    choices = {c.spec.name: (c.methods[-1], space.rank_for(c.spec, c.methods[-1], 0.6)) for c in searchable[1:]}
+    original = dict(choices)
+
+    def flops(plan: dict) -> float:
+        return sum(space.cost_fraction_of(c.spec, *plan[c.spec.name]) * c.spec.flops if c.spec.name in plan
+                   else c.spec.flops for c in searchable)
+
+    budget = flops(choices) * 0.9  # the plan is 11% over: a cut must take it under
+
+    def fits(plan: dict) -> bool:
+        return flops(plan) <= budget
+
+    cut = tightened_choices(choices, searchable, space, fits)
+    assert choices == original  # the input is not modified
+    assert cut is not None and fits(cut)
+    assert set(cut) == set(choices)  # kept layers stay kept, compressed ones keep their method
+    fractions = {n: space.cost_fraction_of(c.spec, *choices[n]) for c in searchable if (n := c.spec.name) in choices}
+    for cand in searchable[1:]:
+        name = cand.spec.name
+        assert cut[name][0] == choices[name][0]
+        assert space.cost_fraction_of(cand.spec, *cut[name]) <= fractions[name]
+    # the least cut that fits: a looser budget is met by a smaller cut
+    looser = tightened_choices(choices, searchable, space, lambda plan: flops(plan) <= flops(choices) * 0.97)
+    assert looser is not None and flops(cut) < flops(looser) < flops(choices)
+    assert tightened_choices(choices, searchable, space, lambda plan: False) is None  # nothing fits
+
 
 def test_plans_under_budget_are_grown_towards_it() -> None:
     torch.manual_seed(0)

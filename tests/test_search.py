@@ -367,6 +367,47 @@ def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_m
         ranksearch.optimize(model, x, **kwargs)
 
 
+def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    original_flops = count_flops(model, x)
+    final_phase = {"on": False}
+
+    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; compressed models 25% slower once the trials end
+        flops = count_flops(m, inputs)
+        return flops / 1e6 * (1.25 if final_phase["on"] and flops < original_flops else 1)
+
+    finish = ranksearch.search._finish
+
+    def slower_from_now(*args, **kwargs):
+        final_phase["on"] = True
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(ranksearch.search, "_finish", slower_from_now)
+    kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0, show_progress_bar=False,
+                  sensitivity=False)
+    result = ranksearch.optimize(model, x, **kwargs)
+    trials = result.study.trials
+    assert len(trials) > 10  # the repair ran as one more trial of the study
+    chosen = trials[result.plan.metadata["trial"]]
+    assert chosen.user_attrs["move"] == "repair"
+    parent = trials[chosen.user_attrs["neighbour_of"]]
+    best = ranksearch.study.best_feasible(trials[:10])[0]
+    assert parent.number == best.number  # the best plan of the trials, cut
+    assert result.final.latency_ms <= 0.5 * 1.05 * result.baseline.latency_ms
+    cut = {layer["name"]: layer["rank"] for layer in chosen.user_attrs["plan"] if layer["method"] != "keep"}
+    uncut = {layer["name"]: layer["rank"] for layer in parent.user_attrs["plan"] if layer["method"] != "keep"}
+    assert cut.keys() == uncut.keys() and all(cut[n] <= uncut[n] for n in cut) and cut != uncut
+
+    final_phase["on"] = False
+    monkeypatch.setattr(ranksearch.search, "_REPAIRS", 0)  # without the repair: a plan the trials ranked lower
+    unrepaired = ranksearch.optimize(model, x, **kwargs)
+    assert len(unrepaired.study.trials) == 10
+    assert unrepaired.final.score < result.final.score
+
+
 def test_latency_target_as_a_ratio_of_the_originals_latency(digits_mlp, tmp_path) -> None:
     model, data = digits_mlp
     x = data.x_test[:16]
