@@ -637,10 +637,10 @@ class Benchmark:
         def ratio(ms: float | None) -> float | None:
             return None if ms is None else ms / search_ms
 
-        fallbacks = [(r.trial, r.plan, ratio(r.latency_ms)) for r in tuned[1:]]
-        fallbacks += [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in result.pareto
-                      if p.trial not in after_ft and (p.measured_latency_ms or p.latency_ms or math.inf)
-                      <= target * search_ms]
+        pareto = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in result.pareto
+                  if p.trial not in after_ft and (p.measured_latency_ms or p.latency_ms or math.inf)
+                  <= target * search_ms]
+        fallbacks = [(r.trial, r.plan, ratio(r.latency_ms)) for r in tuned[1:]] + pareto
         measured: dict[str, tuple[Latency | None, float, float]] = {}
         plan, compressed, chosen = self.verified_plan(
             setting, row, (first.trial, first.plan, ranksearch.apply_plan(model, first.plan).eval(),
@@ -651,12 +651,13 @@ class Benchmark:
         row.knob = (f"{trials} trials{f' + {repairs} repair(s)' if repairs else ''}; "
                     f"{len(plan.replaced)} layers: {', '.join(methods)}")
 
-        # ranksearch-ft: the best after fine-tuning; on a miss, the next best after fine-tuning
+        # ranksearch-ft: the best after fine-tuning; on a miss, the next best after fine-tuning, then the
+        # Pareto plans as above (fine-tuned here like every row: what a user does with result.pareto)
         picked = result.plan.metadata["trial"]
         others = sorted((r for r in tuned if r.trial != picked), key=lambda r: -r.score_after)
         ft_plan, _, ft_chosen = self.verified_plan(
             setting, ft_row, (picked, result.plan, result.model, ratio(result.final.latency_ms)),
-            [(r.trial, r.plan, ratio(r.latency_ms)) for r in others], measured)
+            [(r.trial, r.plan, ratio(r.latency_ms)) for r in others] + pareto, measured)
         untuned = ranksearch.apply_plan(model, ft_plan).eval()
         self.score_plan(task, ft_row, ft_plan, untuned, quality_memo, after_ft.get(ft_chosen))
         ft_row.knob = (f"finetune_fn = this fine-tune, tried on the {len(tuned)} best verified plans "
@@ -871,7 +872,7 @@ class Benchmark:
             for method, after_ft in (("ranksearch", False), (FT_METHOD, True)):
                 ours = next((r for r in rows if r.method == method), None)
                 if ours is None or ours.quality is None or ours.latency is None:
-                    verdict = "**no**"
+                    verdict = "**no** (no plan)"  # the search found nothing, or failed
                     cells.append(f" {ours.note[:90] if ours else 'missing'} | - | {verdict} |")
                 elif not others:
                     verdict = "yes" if ours.meets else "**no** (misses)"
@@ -954,7 +955,8 @@ class Benchmark:
              f"the best of the {FT_CANDIDATES} best verified plans after fine-tuning; the same search) after the "
              "same fine-tune as every baseline. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
-             "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here."),
+             "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here. "
+             "*no plan*: the search returned none (`TargetUnreachableError`) or failed."),
             "",
             *verdict_lines,
             "",

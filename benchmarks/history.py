@@ -24,13 +24,15 @@ from typing import Any
 HISTORY = Path(__file__).resolve().parent / "results" / "verdicts.jsonl"
 #: runs shown side by side in RESULTS.md
 SHOWN = 6
-WORDS = ("yes", "tie", "no", "misses")
+WORDS = ("yes", "tie", "no", "misses", "no plan")
 
 
 def verdict_word(verdict: str) -> str:
-    """``"yes"``, ``"tie"``, ``"no"`` or ``"misses"`` from a verdict cell (``"tie (-0.004)"``...)."""
-    if "misses" in verdict:
-        return "misses"
+    """``"yes"``, ``"tie"``, ``"no"``, ``"misses"`` or ``"no plan"`` (the search returned none) from a
+    verdict cell (``"tie (-0.004)"``...)."""
+    for words in ("misses", "no plan"):
+        if words in verdict:
+            return words
     for word in ("yes", "tie", "no"):
         if word in verdict:
             return word

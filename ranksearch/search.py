@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import optuna
@@ -440,6 +440,13 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
     return repaired if "plan" in repaired.user_attrs and _missed_latency_only(repaired) else None
 
 
+def _place_by_score(queue: list[optuna.trial.FrozenTrial], score: float,
+                    score_of: Callable[[optuna.trial.FrozenTrial], float | None]) -> int:
+    """Where a plan scoring ``score`` goes in ``queue`` (best score first): before the first plan it
+    outscores or that has no score (plans rechecked after a miss in the trials)."""
+    return next((i for i, t in enumerate(queue) if (s := score_of(t)) is None or s < score), len(queue))
+
+
 def _result(
     study: optuna.Study, search: TrialRunner, targets: Targets, baseline: ModelStats,
     verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]],
@@ -482,11 +489,11 @@ def _finish(
     Candidates are tried best quality first, each rebuilt from the original and timed alternately
     with it (``TrialRunner.verified_latency``). Each measurement also calibrates the latency predictor,
     so after a miss the remaining candidates are re-predicted and those now predicted to miss are
-    skipped without being measured. A plan that misses by a little is repaired (``_repair``) and
-    its repair checked next in line by score. When no trial met a latency target, the ``_RECHECKS``
-    plans that missed it by the least are checked the same way before giving up. With ``finetune_fn``, the best
-    ``finetune_candidates`` plans that pass are fine-tuned and the best after fine-tuning is
-    returned (``ranksearch.finetune``).
+    skipped without being measured. A plan that misses by a little is repaired (``_repair``), and
+    the repair is checked in its turn by score. When no trial met a latency target, the
+    ``_RECHECKS`` plans that missed it by the least are checked the same way before giving up. With
+    ``finetune_fn``, the best ``finetune_candidates`` plans that pass are fine-tuned and the best
+    after fine-tuning is returned (``ranksearch.finetune``).
     """
     trials = study.trials
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
@@ -501,10 +508,13 @@ def _finish(
     verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]] = []
     limit = targets.latency_ms * (1 + tolerance) if targets.latency_ms is not None else None
     repairs = 0
+    unmeasured: dict[int, float] = {}  # scores of repairs their trial did not score, by trial number
+
+    def score_of(trial: optuna.trial.FrozenTrial) -> float | None:
+        return trial.values[0] if trial.values else unmeasured.get(trial.number)
 
     def check_in_turn(queue: list[optuna.trial.FrozenTrial], skip_predicted_misses: bool) -> None:
-        """Check ``queue``'s plans in order until enough pass; a near miss queues its repair next
-        in line by score (first, when the repair's own timing ruled it out and it has no score)."""
+        """Check ``queue``'s plans in order until enough pass; a near miss queues its repair."""
         nonlocal repairs
         while queue and len(checked) < max_verifications + want - 1 and len(verified) < want:
             trial = queue.pop(0)
@@ -519,10 +529,10 @@ def _finish(
             repairs += 1
             repaired = _repair(study, search, trial, measured_ms)
             if repaired is not None:
-                scored = repaired.state == optuna.trial.TrialState.COMPLETE
-                at = next((i for i, t in enumerate(queue) if scored and t.values[0] < repaired.values[0]),
-                          len(queue) if scored else 0)
-                queue.insert(at, repaired)
+                if repaired.values is None:  # ruled out by its own trial timing: score it to place it
+                    unmeasured[repaired.number] = search.score(
+                        apply_plan(search.reference, plan_of(repaired, search.fingerprint)).eval())
+                queue.insert(_place_by_score(queue, score_of(repaired), score_of), repaired)
 
     def check(trial: optuna.trial.FrozenTrial) -> float:
         plan = plan_of(trial, search.fingerprint)

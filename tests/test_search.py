@@ -408,6 +408,60 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
     assert unrepaired.final.score < result.final.score
 
 
+def test_a_repair_its_own_trial_timing_rules_out_is_still_checked(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    original_flops = count_flops(model, x)
+    state = {"final": False, "timing": None, "flops": None, "after_original": False}
+
+    def latency_fn(m: nn.Module, inputs) -> float:
+        # FLOPs as ms; once the trials end, a compressed model is 25% slower timed right after the original
+        # (the final checks alternate them) and 60% slower timed after another model (a trial's own timing)
+        flops = count_flops(m, inputs)
+        if state["timing"] is not m:  # a timing may call this several times in a row
+            state["after_original"] = state["flops"] == original_flops
+            state["timing"], state["flops"] = m, flops
+        factor = 1.0
+        if state["final"] and flops < original_flops:
+            factor = 1.25 if state["after_original"] else 1.6
+        return flops / 1e6 * factor
+
+    finish = ranksearch.search._finish
+
+    def slower_from_now(*args, **kwargs):
+        state["final"] = True
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(ranksearch.search, "_finish", slower_from_now)
+    result = ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0,
+                                 show_progress_bar=False, sensitivity=False)
+    chosen = result.study.trials[result.plan.metadata["trial"]]
+    assert chosen.user_attrs["move"] == "repair"
+    assert chosen.state == optuna.trial.TrialState.PRUNED  # its trial timed it alone, over the target
+    assert result.final.latency_ms <= 0.5 * 1.05 * result.baseline.latency_ms
+    assert math.isfinite(result.final.score) and result.final.score > 0.5
+
+
+def test_a_repair_is_checked_in_its_turn_by_score() -> None:
+    from types import SimpleNamespace
+
+    from ranksearch.search import _place_by_score
+
+    def trial(score):
+        return SimpleNamespace(values=None if score is None else [score, 1.0])
+
+    def score_of(t):
+        return t.values[0] if t.values else None
+
+    queue = [trial(0.9), trial(0.7), trial(0.5)]
+    assert _place_by_score(queue, 0.8, score_of) == 1  # after the plans it does not outscore
+    assert _place_by_score(queue, 0.1, score_of) == 3
+    rechecks = [trial(None), trial(None)]  # plans that missed in the trials have no score: it goes first
+    assert _place_by_score(rechecks, 0.8, score_of) == 0
+
+
 def test_latency_target_as_a_ratio_of_the_originals_latency(digits_mlp, tmp_path) -> None:
     model, data = digits_mlp
     x = data.x_test[:16]
