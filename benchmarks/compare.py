@@ -639,7 +639,8 @@ class Benchmark:
 
         pareto = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in result.pareto
                   if p.trial not in after_ft and (p.measured_latency_ms or p.latency_ms or math.inf)
-                  <= target * search_ms]
+                  <= target * search_ms  # and not ruled out by the search's own final check:
+                  and (p.checked_latency_ms or 0.0) <= target * (1 + TOLERANCE) * search_ms]
         fallbacks = [(r.trial, r.plan, ratio(r.latency_ms)) for r in tuned[1:]] + pareto
         measured: dict[str, tuple[Latency | None, float, float]] = {}
         plan, compressed, chosen = self.verified_plan(

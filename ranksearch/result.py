@@ -40,6 +40,9 @@ class ParetoPoint:
     measured_latency_ms: float | None
     flops: int
     params: int
+    # the final check's latency (alternately with the original), for the plans the search checked at the
+    # end: one over the target stays on the front (its trial met the target) but was not returned
+    checked_latency_ms: float | None = None
 
 
 @dataclass
@@ -52,7 +55,8 @@ class SearchResult:
         study: the Optuna study behind the search.
         baseline: figures of the original model.
         final: figures of ``model``; its latency was measured again at the end.
-        pareto: feasible plans on the quality / latency front, best quality first.
+        pareto: feasible plans on the quality / latency front, best quality first; those the final
+            check timed carry its latency (``checked_latency_ms``).
         targets: the budgets, as absolute numbers.
         prediction_error: how far predicted model latency was from full-model measurements.
         message: a sentence on what happened (e.g. the original already met the target).

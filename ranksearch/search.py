@@ -541,6 +541,8 @@ def _finish(
         if search.predictor is not None:
             search.predictor.record(plan, measured_ms)
         checked.append((measured_ms, trial))
+        # kept in the study, so result.pareto (and a report) can tell which plans failed this check
+        study.set_user_attr("final_checks", {**study.user_attrs.get("final_checks", {}), str(trial.number): measured_ms})
         if limit is None or measured_ms <= limit:
             verified.append((trial, plan, model, measured_ms, spread))
         else:

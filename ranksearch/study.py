@@ -91,6 +91,7 @@ def plan_of(trial: optuna.trial.FrozenTrial, fingerprint: dict[str, Any]) -> Com
 
 
 def pareto_points(study: optuna.Study, fingerprint: dict[str, Any]) -> list[ParetoPoint]:
+    checks = study.user_attrs.get("final_checks", {})  # trial number (str) -> ms, see search._finish
     points = []
     for trial in study.best_trials:
         if not is_feasible(trial):
@@ -100,5 +101,6 @@ def pareto_points(study: optuna.Study, fingerprint: dict[str, Any]) -> list[Pare
             latency_ms=trial.user_attrs.get("predicted_latency_ms"),
             measured_latency_ms=trial.user_attrs.get("measured_latency_ms"),
             flops=int(trial.user_attrs["flops"]), params=int(trial.user_attrs["params"]),
+            checked_latency_ms=checks.get(str(trial.number)),
         ))
     return sorted(points, key=lambda p: -p.score)

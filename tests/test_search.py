@@ -400,6 +400,10 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
     cut = {layer["name"]: layer["rank"] for layer in chosen.user_attrs["plan"] if layer["method"] != "keep"}
     uncut = {layer["name"]: layer["rank"] for layer in parent.user_attrs["plan"] if layer["method"] != "keep"}
     assert cut.keys() == uncut.keys() and all(cut[n] <= uncut[n] for n in cut) and cut != uncut
+    # the front still shows the plan that missed, with the check that ruled it out
+    missed = next(p for p in result.pareto if p.trial == parent.number)
+    assert missed.checked_latency_ms > 0.5 * 1.05 * result.baseline.latency_ms
+    assert all(p.checked_latency_ms is None for p in result.pareto if p.trial not in (parent.number, chosen.number))
 
     final_phase["on"] = False
     monkeypatch.setattr(ranksearch.search, "_REPAIRS", 0)  # without the repair: a plan the trials ranked lower
