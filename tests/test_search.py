@@ -332,6 +332,19 @@ def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:
     assert second == pytest.approx(0.5)  # now the median of 1.0, 2.0, 2.0: twice as slow as at the start
 
 
+def _when_the_trials_end(monkeypatch, state: dict, key: str, value) -> None:
+    """Set ``state[key] = value`` when the search's trials end and its final checks begin."""
+    import ranksearch.search
+
+    finish = ranksearch.search._finish
+
+    def switched(*args, **kwargs):
+        state[key] = value
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(ranksearch.search, "_finish", switched)
+
+
 def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_mlp, monkeypatch) -> None:
     import ranksearch.search
 
@@ -344,13 +357,7 @@ def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_m
         flops = count_flops(m, inputs)
         return flops / 1e6 * (10 if slow["on"] and flops < original_flops else 1)
 
-    finish = ranksearch.search._finish
-
-    def spell_over(*args, **kwargs):  # the machine is quiet again for the final checks
-        slow["on"] = False
-        return finish(*args, **kwargs)
-
-    monkeypatch.setattr(ranksearch.search, "_finish", spell_over)
+    _when_the_trials_end(monkeypatch, slow, "on", False)  # the machine is quiet again for the final checks
     kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=6, seed=0, show_progress_bar=False,
                   sensitivity=False)
     result = ranksearch.optimize(model, x, **kwargs)
@@ -379,13 +386,7 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
         flops = count_flops(m, inputs)
         return flops / 1e6 * (1.25 if final_phase["on"] and flops < original_flops else 1)
 
-    finish = ranksearch.search._finish
-
-    def slower_from_now(*args, **kwargs):
-        final_phase["on"] = True
-        return finish(*args, **kwargs)
-
-    monkeypatch.setattr(ranksearch.search, "_finish", slower_from_now)
+    _when_the_trials_end(monkeypatch, final_phase, "on", True)
     kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0, show_progress_bar=False,
                   sensitivity=False)
     result = ranksearch.optimize(model, x, **kwargs)
@@ -413,8 +414,6 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
 
 
 def test_a_repair_its_own_trial_timing_rules_out_is_still_checked(digits_mlp, monkeypatch) -> None:
-    import ranksearch.search
-
     model, data = digits_mlp
     x = data.x_test[:16]
     original_flops = count_flops(model, x)
@@ -432,13 +431,7 @@ def test_a_repair_its_own_trial_timing_rules_out_is_still_checked(digits_mlp, mo
             factor = 1.25 if state["after_original"] else 1.6
         return flops / 1e6 * factor
 
-    finish = ranksearch.search._finish
-
-    def slower_from_now(*args, **kwargs):
-        state["final"] = True
-        return finish(*args, **kwargs)
-
-    monkeypatch.setattr(ranksearch.search, "_finish", slower_from_now)
+    _when_the_trials_end(monkeypatch, state, "final", True)
     result = ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0,
                                  show_progress_bar=False, sensitivity=False)
     chosen = result.study.trials[result.plan.metadata["trial"]]
