@@ -750,7 +750,8 @@ class Benchmark:
             if "neighbour_of" in frozen.user_attrs:
                 kind = "repair" if frozen.user_attrs.get("move") == "repair" else "neighbour"
                 stats.best_origin += f" ({kind} of {frozen.user_attrs['neighbour_of']})"
-            stats.best_val = frozen.values[0] if frozen.values else math.nan  # a plan rechecked after a miss in the trials has no score
+            # a plan rechecked after a miss in its trial has no score there
+            stats.best_val = frozen.values[0] if frozen.values else math.nan
             predicted = frozen.user_attrs.get("predicted_latency_ms")
             if predicted is not None:
                 stats.predicted_ratio = predicted / base_ms
@@ -986,8 +987,9 @@ class Benchmark:
                 "time_rebuild_s, time_cost_s (analytic costs + predicted latency), time_measure_s (whole-model "
                 "latency of each built plan), time_eval_s), *neighbours*: trials that were local moves around the "
                 "best plan so far (`ranksearch.neighbours`) and repairs (a plan that missed the final latency "
-                "check by a little, cut to fit: one more trial each), the origin of the plan returned, and how many trials it took until the best feasible validation score so far "
-                "matched the best baseline's validation score (baselines that meet the target on measurement). "
+                "check by a little, cut to fit: one more trial each), the origin of the plan returned, and how "
+                "many trials it took until the best feasible validation score so far matched the best "
+                "baseline's validation score (baselines that meet the target on measurement). "
                 "Seeds (VBMF, energy, budget-fitted uniform/energy plans) are the first trials."), "",
                 *self.efficiency_table(), ""]
         text = "\n".join(out)
