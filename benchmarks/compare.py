@@ -13,9 +13,9 @@ the original), every method builds a compressed model:
   interleaved check misses, that plan is ruled out and the next plan the search verified, then
   the best other plan on ``result.pareto`` that met the target in the search, is taken, as a
   baseline's knob is retuned (up to twice for every row);
-* **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of the
-  ``FT_CANDIDATES`` best verified plans, the one that scores best on validation after the
-  fine-tune (compared with the baselines after fine-tuning; its compress time includes those
+* **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
+  ``FT_CANDIDATES`` verified plans (the best, then the best of another lineage), the one that
+  scores best on validation after the fine-tune (compared with the baselines after fine-tuning; its compress time includes those
   fine-tunes; on a miss here, the next best after fine-tuning);
 * **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
   bisected until the measured latency just meets the target;
@@ -648,7 +648,7 @@ class Benchmark:
                            ratio(first.latency_ms)), fallbacks, measured)
         self.score_plan(task, row, plan, compressed, quality_memo, after_ft.get(chosen))
         methods = sorted({c.method for c in plan.replaced})
-        repairs = len(result.study.trials) - trials  # plans cut to fit after missing the final check
+        repairs = len(result.study.trials) - trials  # cut plans, after a plan missed the final check
         row.knob = (f"{trials} trials{f' + {repairs} repair(s)' if repairs else ''}; "
                     f"{len(plan.replaced)} layers: {', '.join(methods)}")
 
@@ -661,7 +661,7 @@ class Benchmark:
             [(r.trial, r.plan, ratio(r.latency_ms)) for r in others] + pareto, measured)
         untuned = ranksearch.apply_plan(model, ft_plan).eval()
         self.score_plan(task, ft_row, ft_plan, untuned, quality_memo, after_ft.get(ft_chosen))
-        ft_row.knob = (f"finetune_fn = this fine-tune, tried on the {len(tuned)} best verified plans "
+        ft_row.knob = (f"finetune_fn = this fine-tune, tried on {len(tuned)} verified plans "
                        f"({fine_tune_s:.0f} s): {'; '.join(f'trial {r.trial} val {r.score:.4f} -> {r.score_after:.4f}' for r in tuned)}")
 
         self.trial_stats(stats, result.study, row.compress_s, base_ms, chosen=chosen)
@@ -954,7 +954,8 @@ class Benchmark:
             ("Against the best baseline that meets the target on measurement, by the headline test metric: "
              "*ranksearch* (`optimize` as it is, plans scored as they come out of the decomposition) without "
              "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
-             f"the best of the {FT_CANDIDATES} best verified plans after fine-tuning; the same search) after the "
+             f"the best after fine-tuning of {FT_CANDIDATES} verified plans, the best one and the best of another "
+             "lineage; the same search) after the "
              "same fine-tune as every baseline. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
              "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here. "
@@ -987,7 +988,7 @@ class Benchmark:
                 "time_rebuild_s, time_cost_s (analytic costs + predicted latency), time_measure_s (whole-model "
                 "latency of each built plan), time_eval_s), *neighbours*: trials that were local moves around the "
                 "best plan so far (`ranksearch.neighbours`) and repairs (a plan that missed the final latency "
-                "check by a little, cut to fit: one more trial each), the origin of the plan returned, and how "
+                "check by a little, cut to fit, in up to two ways: one more trial each), the origin of the plan returned, and how "
                 "many trials it took until the best feasible validation score so far matched the best "
                 "baseline's validation score (baselines that meet the target on measurement). "
                 "Seeds (VBMF, energy, budget-fitted uniform/energy plans) are the first trials."), "",

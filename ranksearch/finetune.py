@@ -6,9 +6,10 @@ disagree: on the benchmark's CNN at 0.35x latency, the plans one search found sc
 validation accuracy before a one-epoch fine-tune and 0.76-0.98 test accuracy after it, in another
 order (one at 0.22 before reached 0.96 after; one at 0.28 before, 0.76). Fine-tuning every
 trial would multiply the search's cost, so only the last step changes: with
-``optimize(finetune_fn=...)`` the best few plans whose latency was verified are each fine-tuned
-on a copy and scored again, and the one that scores best after fine-tuning is returned,
-fine-tuned.
+``optimize(finetune_fn=...)`` a few plans whose latency was verified are each fine-tuned on a copy
+and scored again, and the one that scores best after fine-tuning is returned, fine-tuned. The
+candidates are the best plan, then the best plans of other lineages: a plan and the local moves
+made from it recover alike (``ranksearch.search._new_lineages_first``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .decompose import get_method
 from .decompose.base import Rank
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from .trials import TrialRunner
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
-           "lagrangian_choices", "sensitivity_seeds"]
+           "lagrangian_choices", "sensitivity_seeds", "least_loss_cut"]
 
 log = logging.getLogger("ranksearch.sensitivity")
 
@@ -161,6 +163,54 @@ def lagrangian_choices(options: dict[str, list[Option]], fit: Fit) -> Choices | 
     low = math.log(max(min(losses, default=1e-6), 1e-9) / max(costs) / 100)
     high = math.log(max(max(losses, default=1.0), 1e-9) / min(costs) * 100)
     return fit(at, high, low)
+
+
+def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choices,
+                   fits: Callable[[Choices], bool], step: float = 0.02) -> Choices | None:
+    """``choices`` with ranks lowered where ``table`` says it costs the least quality, until ``fits``
+    accepts; ``None`` when nothing fits.
+
+    One layer at a time moves to its next lower rank (its cost fraction cut by ``step`` more), the
+    move that adds the least loss per unit of cost saved first. A layer's loss at a rank is
+    interpolated between the ranks the table scored, by cost. This is the repair for a plan that
+    misses its latency target by a few percent (``ranksearch.search``), beside the uniform cut of
+    ``ranksearch.neighbours.tightened_choices``, which takes as much from the layers that tolerate
+    nothing as from those that tolerate a lot.
+    """
+    by_name = {c.spec.name: c for c in runner.searchable}
+    space = runner.space
+    cut = dict(choices)
+    now: dict[str, Option] = {}  # each layer's rank, cost and loss in ``cut``
+    ladders: dict[str, list[Option]] = {}  # each layer's lower ranks, nearest first
+    for name, (method, rank) in choices.items():
+        scored = sorted(((_layer_cost(runner, name, m, r), loss) for m, r, loss in table.losses.get(name, ())
+                         if m == method), key=lambda point: point[0])
+        if name not in by_name or not scored:
+            continue
+
+        def option(at_rank: Rank, name: str = name, method: str = method, scored: list = scored) -> Option:
+            cost = _layer_cost(runner, name, method, at_rank)
+            return Option(method, at_rank, float(np.interp(cost, *zip(*scored))), cost)
+
+        now[name] = option(rank)
+        spec, fraction = by_name[name].spec, space.cost_fraction_of(by_name[name].spec, method, rank)
+        ladder: list[Option] = []
+        for k in range(1, int(round(1 / step))):
+            lower = space.rank_for(spec, method, max(space.cost_fraction_low, fraction * (1 - k * step)))
+            if lower is not None and lower != rank and all(lower != o.rank for o in ladder):
+                candidate = option(lower)
+                if candidate.cost < (ladder[-1] if ladder else now[name]).cost:
+                    ladder.append(candidate)
+        ladders[name] = ladder
+    while not fits(cut):
+        moves = [(max(0.0, ladder[0].loss - now[name].loss) / (now[name].cost - ladder[0].cost), name)
+                 for name, ladder in ladders.items() if ladder]
+        if not moves:
+            return None
+        _, name = min(moves)
+        now[name] = ladders[name].pop(0)
+        cut[name] = (now[name].method, now[name].rank)  # type: ignore[assignment]
+    return cut if cut != choices else None
 
 
 def sensitivity_seeds(runner: TrialRunner, table: SensitivityTable) -> list[Seed]:

@@ -64,7 +64,7 @@ def test_the_best_plan_after_fine_tuning_is_returned_fine_tuned(digits_mlp, tmp_
     records = result.fine_tuned
     assert records is not None and len(records) == 3 == len(seen)
     assert len({r.trial for r in records}) == 3
-    assert [r.score for r in records] == sorted((r.score for r in records), reverse=True)  # verified best first
+    assert records[0].score == max(r.score for r in records)  # the best verified plan first
     chosen = max(records, key=lambda r: r.score_after)
     assert result.plan.metadata["trial"] == chosen.trial
     assert result.final.score == chosen.score_after == accuracy(result.model, data.x_test, data.y_test)
@@ -111,6 +111,42 @@ def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> Non
                                 show_progress_bar=False, eval_fn=eval_fn)
     assert plain.fine_tuned is None
     assert plain.plan.metadata["trial"] == records[0].trial  # without finetune_fn: the best before
+
+
+def test_further_candidates_come_from_other_lineages_first(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    plain = _search(model, data, finetune_fn=_fine_tune(data), finetune_candidates=3).fine_tuned
+    assert plain is not None and len(plain) == 3
+    best, second = plain[0].trial, plain[1].trial
+    # the same search, with the second plan made a descendant of the best (as a neighbour would be)
+    lineage = ranksearch.search._lineage
+    monkeypatch.setattr(ranksearch.search, "_lineage",
+                        lambda t, by_number: best if t.number == second else lineage(t, by_number))
+    records = _search(model, data, finetune_fn=_fine_tune(data), finetune_candidates=3).fine_tuned
+    assert records is not None and len(records) == 3
+    # the best; then the third, of another lineage, before the second; then the second
+    assert [r.trial for r in records] == [best, plain[2].trial, second]
+
+
+def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
+    from ranksearch.search import _lineage, _new_lineages_first
+
+    def trial(number: int, parent: int | None = None) -> optuna.trial.FrozenTrial:
+        attrs = {} if parent is None else {"neighbour_of": parent, "move": "exchange"}
+        made = optuna.trial.create_trial(values=[0.5, 1.0], user_attrs=attrs)
+        made.number = number
+        return made
+
+    trials = [trial(0), trial(1), trial(2, parent=0), trial(3, parent=2), trial(4, parent=1), trial(5)]
+    by_number = {t.number: t for t in trials}
+    assert [_lineage(t, by_number) for t in trials] == [0, 1, 0, 0, 1, 5]
+    queue = [by_number[n] for n in (3, 2, 4, 5, 1)]
+    _new_lineages_first(queue, {0}, by_number)
+    assert [t.number for t in queue] == [4, 5, 1, 3, 2]  # lineage 0 last, each group in its order
+    _new_lineages_first(queue, {0, 1}, by_number)
+    assert [t.number for t in queue] == [5, 4, 1, 3, 2]
 
 
 def test_a_failing_fine_tune_is_reported_with_what_to_fix(digits_mlp) -> None:

@@ -515,3 +515,61 @@ def test_fresh_timings_of_the_original_outvote_a_slow_first_one() -> None:
     runner.retime_original(times=2)  # as TrialRunner.seeds does before fitting plans on measurements
     # a plan at half the original's speed now counts as half the original's first timing
     assert runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.5)
+
+
+def test_the_least_loss_cut_lowers_the_ranks_the_sensitivity_table_says_cost_least() -> None:
+    from types import SimpleNamespace
+
+    from ranksearch.sensitivity import SensitivityTable, least_loss_cut
+
+    # two layers of cost fraction rank / 16 whose cost is their rank (ms); the table scored ranks 8, 4
+    # and 2; "a" loses little down to rank 4, "b" a lot
+    losses = {"a": (("svd", 8, 0.0), ("svd", 4, 0.01), ("svd", 2, 0.3)),
+              "b": (("svd", 8, 0.0), ("svd", 4, 0.2), ("svd", 2, 0.5))}
+    runner = SimpleNamespace(
+        searchable=[SimpleNamespace(spec=SimpleNamespace(name=n), methods=("svd",)) for n in losses],
+        workbench=SimpleNamespace(specs={n: None for n in losses}),
+        predictor=SimpleNamespace(table=SimpleNamespace(layer_ms=lambda name, method, rank: float(rank))),
+        space=SimpleNamespace(cost_fraction_low=2 / 16, cost_fraction_of=lambda spec, method, rank: rank / 16,
+                              rank_for=lambda spec, method, fraction: max(2, round(fraction * 16))),
+    )
+    table = SensitivityTable(losses, fingerprint="x", evaluations=6, seconds=0.0)
+    plan = {"a": ("svd", 8), "b": ("svd", 8)}
+
+    def within(ms: float):
+        return lambda choices: sum(rank for _, rank in choices.values()) <= ms
+
+    assert least_loss_cut(runner, table, plan, within(12)) == {"a": ("svd", 4), "b": ("svd", 8)}
+    # past rank 4, "a" loses 0.145 per ms saved, "b" 0.05 (losses interpolated between scored ranks)
+    assert least_loss_cut(runner, table, plan, within(9)) == {"a": ("svd", 4), "b": ("svd", 5)}
+    assert least_loss_cut(runner, table, {"a": ("svd", 6), "b": ("svd", 8)}, within(12)) == {
+        "a": ("svd", 4), "b": ("svd", 8)}
+    assert least_loss_cut(runner, table, plan, within(3)) is None  # even the cheapest ranks do not fit
+    assert least_loss_cut(runner, table, plan, within(16)) is None  # nothing to cut
+
+
+def test_a_near_miss_is_also_cut_where_the_sensitivity_table_says(digits_mlp, monkeypatch) -> None:
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    original_flops = count_flops(model, x)
+    final_phase = {"on": False}
+
+    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; compressed models 25% slower once the trials end
+        flops = count_flops(m, inputs)
+        return flops / 1e6 * (1.25 if final_phase["on"] and flops < original_flops else 1)
+
+    _when_the_trials_end(monkeypatch, final_phase, "on", True)
+    result = ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0,
+                                 show_progress_bar=False)  # sensitivity=True, the default
+    trials = result.study.trials
+    repairs = [t for t in trials if t.user_attrs.get("move") == "repair"]
+    assert repairs
+    partial = []  # per repair: whether some layer kept its rank (a cut where the table says, not everywhere)
+    for repair in repairs:
+        cut = {layer["name"]: layer["rank"] for layer in repair.user_attrs["plan"] if layer["method"] != "keep"}
+        parent = trials[repair.user_attrs["neighbour_of"]]
+        uncut = {layer["name"]: layer["rank"] for layer in parent.user_attrs["plan"] if layer["method"] != "keep"}
+        assert cut.keys() == uncut.keys() and all(cut[n] <= uncut[n] for n in cut) and cut != uncut
+        partial.append(any(cut[n] == uncut[n] for n in cut))
+    assert any(partial)
+    assert result.final.latency_ms <= 0.5 * 1.05 * result.baseline.latency_ms
