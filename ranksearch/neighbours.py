@@ -44,7 +44,7 @@ from .warmstart import Seed
 if TYPE_CHECKING:
     from .trials import TrialRunner
 
-__all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices", "tightened_choices"]
+__all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices", "tightened_choices", "tried_plans"]
 
 # a plan this far (relative) under its budget has slack worth spending (about the measurement noise)
 _SLACK = 0.03
@@ -94,6 +94,12 @@ def grown_choices(choices: Choices, searchable: Sequence[LayerCandidates], space
             if name in out:
                 open_layers.append(name)  # it may take another step later
     return out
+
+
+def tried_plans(trials: Sequence[optuna.trial.FrozenTrial], fingerprint: dict) -> set[str]:
+    """The ``choices_key`` of every plan ``trials`` built or ruled out (a move to one of them is wasted)."""
+    return {choices_key({c.name: (c.method, c.rank) for c in plan_of(t, fingerprint).replaced})
+            for t in trials if "plan" in t.user_attrs}
 
 
 def tightened_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
@@ -209,8 +215,7 @@ class NeighbourMoves:
             return
         runner, parent_trial = self.runner, best[0]
         parent = {c.name: (c.method, c.rank) for c in plan_of(parent_trial, runner.fingerprint).replaced}
-        tried = {choices_key({c.name: (c.method, c.rank) for c in plan_of(t, runner.fingerprint).replaced})
-                 for t in trials if "plan" in t.user_attrs}
+        tried = tried_plans(trials, runner.fingerprint)
         if self._worth_growing(parent_trial, trials):
             fits = runner.fits_beside(parent, parent_trial.user_attrs.get("measured_latency_ms"), spend=_GROW_SHARE)
             choices = grown_choices(parent, runner.searchable, runner.space, self.rng, fits)

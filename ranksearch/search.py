@@ -18,9 +18,10 @@ How a search runs:
    proposes the others.
 6. The best feasible plan is rebuilt from the original and its latency measured again, alternately
    with the original so that the machine's drift during the search cancels out (a close call is
-   timed for more rounds); if it misses the target by a little, it is cut to fit and checked as one
-   more trial (the *repair*); the next best plans are tried in turn; if none meets it,
-   TargetUnreachableError says so.
+   timed for more rounds); if it misses the target by a little, it is cut to fit - uniformly, and
+   where the sensitivity table says it costs least - and the cuts are checked as more trials (the
+   *repair*); the next best plans are tried in turn; if none meets it, TargetUnreachableError says
+   so. With ``finetune_fn``, the plans fine-tuned are the best one, then the best of other lineages.
 
 The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
 latency target is set), so its Pareto front answers other budgets too.
@@ -48,7 +49,7 @@ from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError,
 from .finetune import FineTuneFn, check_finetune, pick_after_finetune
 from .fitting import choices_key
 from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
-from .neighbours import NeighbourMoves, tightened_choices
+from .neighbours import NeighbourMoves, tightened_choices, tried_plans
 from .plan import KEEP, CompressionPlan, model_fingerprint
 from .quality import FidelityScorer, calibration_batches, checked_score
 from .rebuild import apply_plan, check_finite_parameters
@@ -178,9 +179,9 @@ def optimize(
             it in place (parameters trainable; put it in train mode yourself). When given,
             ``finetune_candidates`` plans that meet the budget on measurement (the best, then the best
             of other lineages) are each fine-tuned on a copy and scored again, and the best after
-            fine-tuning is returned, fine-tuned: plans that
-            score best before a fine-tune are often not the ones that recover best
-            (``ranksearch.finetune``). ``result.fine_tuned`` lists every candidate's scores.
+            fine-tuning is returned, fine-tuned: plans that score best before a fine-tune are often
+            not the ones that recover best (``ranksearch.finetune``). ``result.fine_tuned`` lists
+            every candidate's scores.
         finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 3).
 
     Returns:
@@ -434,8 +435,7 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
     cuts = [tightened_choices(parent, search.searchable, search.space, fits)]
     if sensitivity is not None:
         cuts.append(least_loss_cut(search, sensitivity, parent, fits))
-    tried = {choices_key({c.name: (c.method, c.rank) for c in plan_of(t, search.fingerprint).replaced})
-             for t in study.get_trials(deepcopy=False) if "plan" in t.user_attrs}
+    tried = tried_plans(study.get_trials(deepcopy=False), search.fingerprint)
     distinct = list({choices_key(c): c for c in cuts if c is not None and choices_key(c) not in tried}.values())
     if not distinct:
         return []  # no cut fits, or each is a plan already tried (and in the queue by its score)
