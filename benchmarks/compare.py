@@ -10,9 +10,9 @@ the original), every method builds a compressed model:
   validation split (``eval_fn``); the per-layer sensitivity table is measured by a model's first
   search and reused by the others (its time counted in each row); the row is the best plan the
   search verified before fine-tuning (what ``optimize`` returns without ``finetune_fn``); when the
-  interleaved check misses, that plan is ruled out and the next plan the search verified, then
-  the best other plan on ``result.pareto`` that met the target in the search, is taken, as a
-  baseline's knob is retuned (up to twice for every row);
+  interleaved check misses, that plan is ruled out and the next best by validation score of the
+  other plans the search verified and those on ``result.pareto`` that met the target in the
+  search is taken, as a baseline's knob is retuned (up to twice for every row);
 * **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
   ``FT_CANDIDATES`` verified plans (the best, then the best of another lineage), the one that
   scores best on validation after the fine-tune (compared with the baselines after fine-tuning; its compress time includes those
@@ -629,19 +629,23 @@ class Benchmark:
         # the search fine-tuned each verified plan with this benchmark's fine-tune: reuse its test scores
         after_ft = {r.trial: test for r, test in zip(tuned, tuned_test, strict=True)}
 
-        # ranksearch: the best verified plan before fine-tuning; on a miss here, the next plan the search
-        # verified, then the best other plans of the Pareto front that met the target in the search
+        # ranksearch: the best verified plan before fine-tuning; on a miss here, the next best plan by its
+        # score of those the search verified and those on its Pareto front that met the target in the search
+        # (the verified ones are the best plan and the best of other lineages, not the next best)
         first = tuned[0]
         search_ms = result.baseline.latency_ms  # the search's timing of the original: its ratios use it
 
         def ratio(ms: float | None) -> float | None:
             return None if ms is None else ms / search_ms
 
-        pareto = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in result.pareto
-                  if p.trial not in after_ft and (p.measured_latency_ms or p.latency_ms or math.inf)
-                  <= target * search_ms  # and not ruled out by the search's own final check:
-                  and (p.checked_latency_ms or 0.0) <= target * (1 + TOLERANCE) * search_ms]
-        fallbacks = [(r.trial, r.plan, ratio(r.latency_ms)) for r in tuned[1:]] + pareto
+        on_front = [p for p in result.pareto if p.trial not in after_ft
+                    and (p.measured_latency_ms or p.latency_ms or math.inf) <= target * search_ms
+                    # and not ruled out by the search's own final check:
+                    and (p.checked_latency_ms or 0.0) <= target * (1 + TOLERANCE) * search_ms]
+        pareto = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in on_front]
+        by_score = sorted([(r.score, -r.trial, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned[1:]]
+                          + [(p.score, -p.trial, entry) for p, entry in zip(on_front, pareto)], reverse=True)
+        fallbacks = [entry for *_, entry in by_score]
         measured: dict[str, tuple[Latency | None, float, float]] = {}
         plan, compressed, chosen = self.verified_plan(
             setting, row, (first.trial, first.plan, ranksearch.apply_plan(model, first.plan).eval(),
