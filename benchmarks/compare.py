@@ -92,8 +92,12 @@ from ranksearch.space import LayerCandidates
 
 RESULTS_MD = HERE / "RESULTS.md"
 FIGURE = HERE / "results" / "quality_vs_latency.png"
-#: a row meets a target when its measured latency ratio is at most target x (1 + this)
+#: a row meets a target when its measured latency ratio is at most target x (1 + this): room for the
+#: noise of this benchmark's timing, minutes after a method's own
 TOLERANCE = 0.03
+#: ranksearch's final check accepts a plan measured at most target x (1 + this): none, as a baseline's
+#: knob is tuned to plans whose own measurement meets the target; both then get TOLERANCE here
+SEARCH_TOLERANCE = 0.0
 #: times a baseline is re-tuned when its final measurement misses the target
 VERIFY_RETRIES = 2
 TARGETS = (0.7, 0.5, 0.35)
@@ -593,13 +597,13 @@ class Benchmark:
 
         started = time.perf_counter()
         try:
-            # the search verifies its answer with the tolerance every row is judged with here
+            # the search verifies its answer against the target itself, as the baselines' knobs are tuned
             result = ranksearch.optimize(
                 # a ratio, as every baseline's knob is tuned on ratios to the original: a target in ms taken
                 # from the benchmark's own timing would carry that timing's noise (10%+ on a shared machine)
                 model, setting.inputs, target_latency_ratio=target, eval_fn=task.val_score, n_trials=trials,
                 search_space=space, seed=self.args.seed, threads=1, latency_clock="cpu", show_progress_bar=False,
-                sensitivity=reused if reused is not None else True, latency_tolerance=TOLERANCE,
+                sensitivity=reused if reused is not None else True, latency_tolerance=SEARCH_TOLERANCE,
                 finetune_fn=fine_tune, finetune_candidates=FT_CANDIDATES,
             )
         except ranksearch.TargetUnreachableError as exc:
@@ -641,7 +645,7 @@ class Benchmark:
         on_front = [p for p in result.pareto if p.trial not in after_ft
                     and (p.measured_latency_ms or p.latency_ms or math.inf) <= target * search_ms
                     # and not ruled out by the search's own final check:
-                    and (p.checked_latency_ms or 0.0) <= target * (1 + TOLERANCE) * search_ms]
+                    and (p.checked_latency_ms or 0.0) <= target * (1 + SEARCH_TOLERANCE) * search_ms]
         pareto = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in on_front]
         by_score = sorted([(r.score, -r.trial, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned[1:]]
                           + [(p.score, -p.trial, entry) for p, entry in zip(on_front, pareto)], reverse=True)
@@ -940,7 +944,9 @@ class Benchmark:
             "target (a ratio of the original's latency on this CPU, one thread, thread CPU time). "
             "*latency ratio*: compressed / original, timed alternately in the same process "
             f"({self.rounds} rounds, ratio of the medians; in brackets the range of the per-round ratios). "
-            f"*meets*: latency ratio <= target x {1 + TOLERANCE:.2f}. *val*: the validation score the search and "
+            f"*meets*: latency ratio <= target x {1 + TOLERANCE:.2f} (room for this timing's noise: every method "
+            "accepts only plans its own measurement puts at or under the target - a knob's tuning, ranksearch's "
+            f"final check with `latency_tolerance={SEARCH_TOLERANCE:g}`). *val*: the validation score the search and "
             "the knobs see; test columns use a split nothing was tuned on. *after FT*: the same short fine-tune "
             "for every row. *compress s*: wall time to build the plan and the model (knob tuning included; "
             "ranksearch's includes measuring the original, the per-layer latency table - built for the first "
