@@ -345,6 +345,20 @@ def _when_the_trials_end(monkeypatch, state: dict, key: str, value) -> None:
     monkeypatch.setattr(ranksearch.search, "_finish", switched)
 
 
+def _slower_once_the_trials_end(monkeypatch, model: nn.Module, x: torch.Tensor):
+    """A latency_fn (FLOPs as ms) under which compressed models run 25% slower once the trials end (in
+    the final checks), and the state that switches it (``state["on"] = False`` switches it back)."""
+    original_flops = count_flops(model, x)
+    final_phase = {"on": False}
+
+    def latency_fn(m: nn.Module, inputs) -> float:
+        flops = count_flops(m, inputs)
+        return flops / 1e6 * (1.25 if final_phase["on"] and flops < original_flops else 1)
+
+    _when_the_trials_end(monkeypatch, final_phase, "on", True)
+    return latency_fn, final_phase
+
+
 def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_mlp, monkeypatch) -> None:
     import ranksearch.search
 
@@ -379,14 +393,7 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
 
     model, data = digits_mlp
     x = data.x_test[:16]
-    original_flops = count_flops(model, x)
-    final_phase = {"on": False}
-
-    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; compressed models 25% slower once the trials end
-        flops = count_flops(m, inputs)
-        return flops / 1e6 * (1.25 if final_phase["on"] and flops < original_flops else 1)
-
-    _when_the_trials_end(monkeypatch, final_phase, "on", True)
+    latency_fn, final_phase = _slower_once_the_trials_end(monkeypatch, model, x)
     kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0, show_progress_bar=False,
                   sensitivity=False)
     result = ranksearch.optimize(model, x, **kwargs)
@@ -551,14 +558,7 @@ def test_the_least_loss_cut_lowers_the_ranks_the_sensitivity_table_says_cost_lea
 def test_a_near_miss_is_also_cut_where_the_sensitivity_table_says(digits_mlp, monkeypatch) -> None:
     model, data = digits_mlp
     x = data.x_test[:16]
-    original_flops = count_flops(model, x)
-    final_phase = {"on": False}
-
-    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; compressed models 25% slower once the trials end
-        flops = count_flops(m, inputs)
-        return flops / 1e6 * (1.25 if final_phase["on"] and flops < original_flops else 1)
-
-    _when_the_trials_end(monkeypatch, final_phase, "on", True)
+    latency_fn, final_phase = _slower_once_the_trials_end(monkeypatch, model, x)
     result = ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=10, seed=0,
                                  show_progress_bar=False)  # sensitivity=True, the default
     trials = result.study.trials
