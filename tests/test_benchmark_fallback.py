@@ -1,0 +1,49 @@
+"""The benchmark's rule for ranksearch-ft's answer when its own timing rules the search's out
+(benchmarks/compare.py ``FineTunedCandidates``)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from compare import FineTunedCandidates
+
+
+def _entry(trial: int) -> tuple[int, str, float]:
+    return trial, f"plan {trial}", 0.5
+
+
+def test_a_missed_candidate_is_replaced_by_the_next_plan_fine_tuned_in_its_place() -> None:
+    tuned_here: list[int] = []
+    after_tuning = {7: 0.80, 9: 0.60}  # what this benchmark's fine-tune would give each Pareto plan
+
+    def fine_tune(entry):
+        tuned_here.append(entry[0])
+        return after_tuning[entry[0]]
+
+    # the search fine-tuned trials 3 (best after it, 0.75) and 5 (0.70, another lineage)
+    candidates = FineTunedCandidates([(0.70, _entry(5)), (0.75, _entry(3))],
+                                     [_entry(5), _entry(7), _entry(9)], fine_tune)
+    assert candidates.best() == _entry(3)
+    # trial 3 misses here: trial 7, the next plan before fine-tuning (5 is tuned already), is
+    # fine-tuned in its place and, better after it than trial 5, taken
+    assert candidates.after_miss({3}) == _entry(7)
+    assert tuned_here == [7]
+    # trial 7 misses as well: trial 9 is fine-tuned, and trial 5 (0.70) now beats it (0.60)
+    assert candidates.after_miss({3, 7}) == _entry(5)
+    assert tuned_here == [7, 9]
+
+
+def test_with_nothing_left_to_fine_tune_the_best_remaining_candidate_is_taken() -> None:
+    def fine_tune(entry):
+        raise AssertionError("nothing to fine-tune")
+
+    candidates = FineTunedCandidates([(0.70, _entry(5)), (0.70, _entry(3))], [_entry(3), _entry(5)], fine_tune)
+    assert candidates.best() == _entry(3)  # a tie goes to the earlier trial
+    assert candidates.after_miss({3}) == _entry(5)
+    assert candidates.after_miss({3, 5}) is None
