@@ -57,7 +57,7 @@ import textwrap
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -299,7 +299,7 @@ class FineTunedCandidates:
         self.untuned = [entry for entry in untuned if entry[0] not in self.scores]
         self.fine_tune = fine_tune
 
-    def best(self, missed: set[Any] = frozenset()) -> Candidate | None:  # type: ignore[assignment]
+    def best(self, missed: Collection[Any] = ()) -> Candidate | None:
         """The best after fine-tuning of the candidates not ``missed``; ties go to the earlier trial."""
         left = [(score, entry) for trial, (score, entry) in self.scores.items() if trial not in missed]
         return max(left, key=lambda item: (item[0], -item[1][0]))[1] if left else None

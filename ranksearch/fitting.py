@@ -111,7 +111,7 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
         if integer and abs(bad - good) <= 1:
             break
         probe = _next_probe(make, measured, good, bad, rescaled, integer=integer, steps=predicted_steps,
-                            resolution=abs(dear - cheap) / 2 ** 7)
+                            resolution=abs(dear - cheap) / 2 ** 7, good_known=good_known)
         if probe is None:
             break
     if good_known:
@@ -121,14 +121,18 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
 
 def _next_probe(make: Callable[[float], Choices], measured: list[Choices], good: float, bad: float,
                 rescaled: Callable[[list[Choices]], Callable[[Choices], bool]] | None, *, integer: bool,
-                steps: int, resolution: float) -> float | None:
+                steps: int, resolution: float, good_known: bool) -> float | None:
     """The next knob value to measure, strictly inside (good, bad); ``None`` when none is worth it."""
     probe = (good + bad) / 2
     if rescaled is not None:
         estimate = boundary(make, rescaled(measured), good, bad, steps=steps, integer=integer, check_dear=False)
-        if estimate is None or abs(estimate - good) <= (0 if integer else resolution):
+        if estimate is not None and abs(estimate - good) > (0 if integer else resolution):
+            probe = estimate
+        elif good_known:
             return None  # rescaled, the prediction puts the boundary at the bracket's feasible end
-        probe = estimate
+        # else no plan measured so far fits, and the rescaled prediction says only the cheapest
+        # would: it is extrapolating from misses alone, so halve the bracket rather than settle
+        # for the cheapest plan (a seed far under the budget)
     if integer:
         probe = float(round(probe))
     if not _between(probe, good, bad) or make(probe) in (make(good), make(bad)):

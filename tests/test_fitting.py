@@ -104,3 +104,22 @@ def test_rescaled_steps_converge_when_the_error_is_not_a_factor() -> None:
     assert choices is not None and 0.4 - 0.01 < choices["layer"][1] <= 0.4
     # the plain bisection of the bracket [0.01, 0.5] would be 0.12 away after four steps
     assert len(calls) <= 4
+
+
+def test_a_rescaled_prediction_drawn_from_misses_alone_does_not_settle_for_the_cheapest_plan() -> None:
+    calls: list = []
+
+    def measured_feasible(choices: dict) -> bool:  # measured, the budget ends at 0.5
+        calls.append(choices["layer"][1])
+        return choices["layer"][1] <= 0.5
+
+    def rescaled(anchors: list):  # extrapolated from misses: only the cheapest plan fits
+        return lambda choices: choices["layer"][1] <= 0.01
+
+    # the prediction is optimistic (0.8): its answer misses, and the rescaled prediction then
+    # points at the cheap end; the bracket is halved instead (0.405 fits), and from a plan that
+    # fits the fit stops where the rescaled prediction says
+    choices = fit_to_budget(_plan, 0.01, 1.0, predicted_feasible=_threshold(0.8),
+                            measured_feasible=measured_feasible, rescaled=rescaled, measured_steps=4)
+    assert choices is not None and choices["layer"][1] == pytest.approx(0.405, abs=1e-3)
+    assert calls[0] == pytest.approx(0.8, abs=1e-3) and 0.01 not in calls

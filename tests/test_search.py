@@ -290,6 +290,20 @@ def test_fits_follow_a_line_through_the_last_two_measurements() -> None:
     assert grow({"0": ("svd", 4)}) and not grow({"0": ("svd", 5)})  # scaled by 0.7 / 0.4: 0.875 ms
 
 
+def test_a_secant_through_two_close_measurements_does_not_tilt_past_a_factor_of_two() -> None:
+    # predicted 0.8 and 0.7 ms, measured 1.10 and 1.08 ms: a slope of 0.2, mostly timing noise.
+    # Followed, it would put the budget (0.99 ms) at a prediction of 0.25 ms, rank 2 at most
+    runner = _runner_with_timer([1.10, 1.08], target_ms=1.0)
+    runner.predictor = _RankPredictor()
+    dear, cheaper = {"0": ("svd", 8)}, {"0": ("svd", 7)}
+    for plan in (dear, cheaper):
+        runner.measured_latency(runner.make_plan(plan, "test"))
+    fits = runner.calibrated_fits([dear, cheaper])
+    # the slope held at half the scaled prediction's (1.08 / 0.7 / 2 = 0.77): rank 5 (0.5 ms predicted,
+    # 0.93 ms corrected) fits, rank 6 (1.01 ms corrected) does not
+    assert fits({"0": ("svd", 5)}) and not fits({"0": ("svd", 6)})
+
+
 def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> None:
     runner = _runner_with_timer([1.01, 0.97, 0.98, 0.50], target_ms=1.0)
     plan = runner.make_plan({"0": ("svd", 4)}, "test")
