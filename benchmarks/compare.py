@@ -1019,8 +1019,10 @@ class Benchmark:
              "*ranksearch* (`optimize` as it is, plans scored as they come out of the decomposition) without "
              "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
              f"the best after fine-tuning of {FT_CANDIDATES} verified plans, the best one and the best of another "
-             "lineage; the same search) after the "
-             "same fine-tune as every baseline. "
+             "lineage; the same search) after the same fine-tune as every baseline. When this benchmark's timing "
+             "rules a ranksearch plan out, the row takes the next best plan by validation score (ranksearch-ft: "
+             "fine-tunes it in the missed plan's place and takes the best after fine-tuning); the row's note "
+             "says so. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
              "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here. "
              "*no plan*: the search returned none (`TargetUnreachableError`) or failed."),
