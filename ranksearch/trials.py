@@ -160,10 +160,10 @@ class TrialRunner:
         (p1, m1), (p2, m2) = points[0], points[-1]
         slope = (m2 - m1) / (p2 - p1) if abs(p2 - p1) > 0.01 * p2 else 0.0
         if slope > 0:
-            # within [1/2, 2] x the scaled prediction's slope: a line through two plans a few percent
-            # apart is mostly their timing noise. One search's spatial plans, predicted 0.711 and 0.651
-            # of the original, measured 0.771 and 0.749: a slope of 0.37, which ruled out every plan
-            # but the cheapest (measured 0.55 at a 0.7 target)
+            # within a factor of _SLOPE_RANGE of the scaled prediction's slope: a line through two
+            # plans a few percent apart is mostly their timing noise. One search's spatial plans,
+            # predicted 0.711 and 0.651 of the original, measured 0.771 and 0.749: a slope of 0.37,
+            # which ruled out every plan but the cheapest (measured 0.55 at a 0.7 target)
             proportional = m2 / p2
             slope = min(max(slope, proportional / _SLOPE_RANGE), proportional * _SLOPE_RANGE)
 

@@ -300,7 +300,7 @@ def test_a_secant_through_two_close_measurements_does_not_tilt_past_a_factor_of_
         runner.measured_latency(runner.make_plan(plan, "test"))
     fits = runner.calibrated_fits([dear, cheaper])
     # the slope held at half the scaled prediction's (1.08 / 0.7 / 2 = 0.77): rank 5 (0.5 ms predicted,
-    # 0.93 ms corrected) fits, rank 6 (1.01 ms corrected) does not
+    # 0.93 ms corrected) fits, rank 6 (1.00 ms corrected) does not
     assert fits({"0": ("svd", 5)}) and not fits({"0": ("svd", 6)})
 
 
