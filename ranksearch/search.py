@@ -233,8 +233,9 @@ def optimize(
             "check the model and the space's 'methods', 'skip' and 'min_flops_share'"
         )
 
-    def measure(m: nn.Module) -> Any:
-        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads, clock=latency_clock)
+    def measure(m: nn.Module, max_attempts: int = 3) -> Any:
+        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads, clock=latency_clock,
+                               max_attempts=max_attempts)
 
     batches = calibration_batches(inputs, calib_data)
     batches = [_move(b, torch_device) for b in batches]
@@ -288,7 +289,8 @@ def optimize(
 
     search = TrialRunner(
         reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
-        eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure, fingerprint=fingerprint,
+        eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure,
+        measure_round=lambda m: measure(m, max_attempts=1), fingerprint=fingerprint,
         latency_check_every=latency_check_every,
     )
     table = None

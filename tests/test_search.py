@@ -402,6 +402,29 @@ def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_m
         ranksearch.optimize(model, x, **kwargs)
 
 
+def test_the_final_checks_rounds_are_timed_with_one_attempt_each(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    phase = {"final": False}
+    _when_the_trials_end(monkeypatch, phase, "final", True)
+    attempts: dict[bool, list[int]] = {False: [], True: []}  # max_attempts of each timing, by phase
+    measure_latency = ranksearch.search.measure_latency
+
+    def recorded(*args, max_attempts: int = 3, **kwargs):
+        attempts[phase["final"]].append(max_attempts)
+        return measure_latency(*args, max_attempts=max_attempts, **kwargs)
+
+    monkeypatch.setattr(ranksearch.search, "measure_latency", recorded)
+    ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6,
+                        n_trials=6, seed=0, show_progress_bar=False, sensitivity=False)
+    # the final check: rounds of (original, plan), one attempt each; the median over rounds discounts a noisy one
+    assert len(attempts[True]) >= 10 and len(attempts[True]) % 2 == 0 and set(attempts[True]) == {1}
+    # a trial's single measurement still retries a noisy attempt
+    assert attempts[False] and set(attempts[False]) == {3}
+
+
 def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, monkeypatch) -> None:
     import ranksearch.search
 
