@@ -296,7 +296,7 @@ class FineTunedCandidates:
     def __init__(self, tuned: Sequence[tuple[float, Candidate]], untuned: Sequence[Candidate],
                  fine_tune: Callable[[Candidate], float]) -> None:
         self.scores = {entry[0]: (score, entry) for score, entry in tuned}  # trial -> score after FT, entry
-        self.untuned = [entry for entry in untuned if entry[0] not in self.scores]
+        self.untuned = untuned  # after_miss skips those fine-tuned already
         self.fine_tune = fine_tune
 
     def best(self, missed: Collection[Any] = ()) -> Candidate | None:
@@ -686,9 +686,9 @@ class Benchmark:
                     and (p.measured_latency_ms or p.latency_ms or math.inf) <= target * search_ms
                     # and not ruled out by the search's own final check:
                     and (p.checked_latency_ms or 0.0) <= target * (1 + SEARCH_TOLERANCE) * search_ms]
-        pareto = [(p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)) for p in on_front]
         by_score = sorted([(r.score, -r.trial, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned[1:]]
-                          + [(p.score, -p.trial, entry) for p, entry in zip(on_front, pareto)], reverse=True)
+                          + [(p.score, -p.trial, (p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)))
+                             for p in on_front], reverse=True)
         fallbacks = [entry for *_, entry in by_score]
         measured: dict[str, tuple[Latency | None, float, float]] = {}
         plan, compressed, chosen = self.verified_plan(
