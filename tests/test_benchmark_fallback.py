@@ -1,16 +1,24 @@
 """The benchmark's rule for ranksearch-ft's answer when its own timing rules the search's out
-(benchmarks/compare.py ``FineTunedCandidates``)."""
+(benchmarks/compare.py ``FineTunedCandidates``), and how it times the plans of its rows."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ranksearch.cost import count_flops, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
     warnings.simplefilter("ignore", DeprecationWarning)
+    import compare
     from compare import FineTunedCandidates
 
 
@@ -47,3 +55,28 @@ def test_with_nothing_left_to_fine_tune_the_best_remaining_candidate_is_taken() 
     assert candidates.best() == _entry(3)  # a tie goes to the earlier trial
     assert candidates.after_miss({3}) == _entry(5)
     assert candidates.after_miss({3, 5}) is None
+
+
+def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(monkeypatch) -> None:
+    timed: list[nn.Module] = []
+
+    def interleaved(original, compressed, inputs, *, rounds, min_run_time):
+        timed.append(compressed)
+        return compare.Latency(0.5 + 0.01 * len(timed), 0.45, 0.55, 1.0)
+
+    monkeypatch.setattr(compare, "interleaved", interleaved)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    inputs = (torch.randn(1, 8),)
+    setting = compare.Setting(SimpleNamespace(model=model), "batch 1", inputs, [], 1.0,
+                              count_flops(model, inputs), count_params(model))
+    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    # the same plan returned at two targets (as VBMF's is at every target): timed once
+    first, second = compare.Row("m", "batch 1", 0.5, "vbmf"), compare.Row("m", "batch 1", 0.35, "vbmf")
+    bench.figures(setting, model, first, "vbmf:plan")
+    bench.figures(setting, model, second, "vbmf:plan")
+    assert len(timed) == 1
+    assert second.latency == first.latency and second.flops == first.flops == 1.0
+    # another plan is timed on its own
+    other = compare.Row("m", "batch 1", 0.5, "energy")
+    bench.figures(setting, model, other, "energy:plan")
+    assert len(timed) == 2 and other.latency != first.latency
