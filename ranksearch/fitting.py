@@ -15,12 +15,15 @@ a handful of measurements place it where the real model puts it. Without a laten
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
 from .decompose.base import Rank
 
 __all__ = ["Choices", "Fit", "boundary", "choices_key", "fit_to_budget"]
+
+log = logging.getLogger(__name__)
 
 #: layer name -> (method, rank); layers not in it are kept
 Choices = dict[str, tuple[str, Rank]]
@@ -92,6 +95,8 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
     guess = boundary(make, predicted_feasible, cheap, dear, steps=predicted_steps, integer=integer)
     if measured_feasible is None:
         return make(guess) if guess is not None else None
+    log.debug("fit on [%.4g, %.4g]: the prediction puts the boundary at %s", cheap, dear,
+              "none" if guess is None else f"{guess:.4g}")
     # the prediction may be wrong either way: start the measured round at its answer (or at the
     # cheap end when it saw nothing feasible - measurement may disagree)
     good, bad = cheap, dear  # invariant: bad is infeasible (or unprobed dear); good is feasible once good_known
@@ -100,7 +105,9 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
     measured: list[Choices] = []
     for _ in range(measured_steps):
         measured.append(make(probe))
-        if measured_feasible(measured[-1]):
+        fits = measured_feasible(measured[-1])
+        log.debug("fit: knob %.4g %s the budget by measurement", probe, "meets" if fits else "misses")
+        if fits:
             good, good_known = probe, True
             if probe == dear:
                 break
@@ -115,7 +122,9 @@ def fit_to_budget(make: Callable[[float], Choices], cheap: float, dear: float, *
         if probe is None:
             break
     if good_known:
+        log.debug("fit: knob %.4g", good)
         return make(good)
+    log.debug("fit: no knob value measured met the budget; the cheap end %.4g if it does", cheap)
     return make(cheap) if measured_feasible(make(cheap)) else None
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["TrialRunner"]
 
 log = logging.getLogger("ranksearch.search")
+fitting_log = logging.getLogger("ranksearch.fitting")
 
 # A measured latency this close to the target (relative) is measured again before it decides.
 _NEAR_TARGET = 0.04
@@ -190,8 +191,19 @@ class TrialRunner:
     def fit(self, make: Callable[[float], Choices], cheap: float, dear: float, *, integer: bool = False) -> Choices | None:
         """A one-knob plan fitted to the budget (see ``ranksearch.fitting``)."""
         on_measurement = self.predictor is not None and bool(self.latency_check_every)
+
+        def measured_feasible(choices: Choices) -> bool:
+            if not fitting_log.isEnabledFor(logging.DEBUG) or self.predictor is None:
+                return self.measured_feasible(choices)
+            plan = self.make_plan(choices, "check")
+            predicted = self.predictor.predict(plan)  # before the measurement recalibrates it
+            feasible = self.measured_feasible(choices)
+            fitting_log.debug("fit: measured %.3f ms (predicted %.3f ms) against the %s ms target",
+                              self.measured_latency(plan), predicted, self.targets.latency_ms)
+            return feasible
+
         return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible,
-                             measured_feasible=self.measured_feasible if on_measurement else None,
+                             measured_feasible=measured_feasible if on_measurement else None,
                              rescaled=self.calibrated_fits if on_measurement else None, integer=integer)
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from ranksearch.fitting import boundary, fit_to_budget
@@ -123,3 +125,14 @@ def test_a_rescaled_prediction_drawn_from_misses_alone_does_not_settle_for_the_c
                             measured_feasible=measured_feasible, rescaled=rescaled, measured_steps=4)
     assert choices is not None and choices["layer"][1] == pytest.approx(0.405, abs=1e-3)
     assert calls[0] == pytest.approx(0.8, abs=1e-3) and 0.01 not in calls
+
+
+def test_the_debug_log_names_each_measured_knob_value_and_the_answer(caplog) -> None:
+    with caplog.at_level(logging.DEBUG, logger="ranksearch.fitting"):
+        choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.7),
+                                measured_feasible=_threshold(0.3), measured_steps=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ranksearch.fitting"]
+    assert lines[0].startswith("fit on [0, 1]: the prediction puts the boundary at 0.7")
+    probes = [line for line in lines if "by measurement" in line]
+    assert len(probes) == 3 and "misses" in probes[0]  # 0.7 measured first, over the real 0.3
+    assert choices is not None and lines[-1] == f"fit: knob {choices['layer'][1]:.4g}"
