@@ -162,6 +162,23 @@ def test_sensitivity_seeds_spend_the_budget_where_quality_allows(digits_mlp) -> 
     assert len(calls) > len(completed) + 2  # the per-layer scoring ran before the trials
 
 
+def test_sensitivity_ties_in_the_score_are_broken_by_output_distortion(digits_mlp) -> None:
+    """A score too coarse to tell a compressed layer from the original (here: constant) used to
+    make every rank "lossless", so the sensitivity seeds took each layer's cheapest rank whatever
+    the budget. Ties now go to the rank that changes the outputs least."""
+    model, data = digits_mlp
+    result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.8, n_trials=4, seed=0,
+                                 show_progress_bar=False, eval_fn=lambda m: 1.0)
+    for layer, options in result.sensitivity.losses.items():
+        by_rank = sorted((rank, loss) for method, rank, loss in options if method == "svd")
+        losses = [loss for _, loss in by_rank]
+        assert all(loss > 0 for loss in losses), layer
+        assert losses == sorted(losses, reverse=True), layer  # the higher the rank, the less it loses
+    # so the Lagrangian seed spends the budget instead of stopping at the cheapest ranks
+    lagrangian = next(t for t in result.study.trials if t.user_attrs.get("seed") == "seed:sensitivity-lagrangian")
+    assert 0.6 * result.baseline.flops < lagrangian.user_attrs["flops"] <= 0.8 * result.baseline.flops
+
+
 def test_latency_target_through_a_user_latency_fn(digits_mlp, tmp_path, monkeypatch) -> None:
     """A remote device stands behind latency_fn; here a deterministic one: fixed cost per layer plus per FLOP."""
     monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path))  # an empty latency cache: the table must measure
