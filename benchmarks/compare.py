@@ -723,7 +723,7 @@ class Benchmark:
 
         picked = result.plan.metadata["trial"]
         candidates = FineTunedCandidates([(r.score_after, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned],
-                                         [entry for *_, entry in by_score], fine_tune_refill)
+                                         fallbacks, fine_tune_refill)
         ft_plan, _, ft_chosen = self.verified_plan(
             setting, ft_row, (picked, result.plan, result.model, ratio(result.final.latency_ms)),
             candidates.after_miss)
