@@ -1217,7 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--log-fits", action="store_true",
-                        help="print each budget-fitted seed's measured probes (ranksearch.fitting's DEBUG log)")
+                        help="print each budget-fitted seed's measured probes and every whole-model timing of the "
+                             "searches (the DEBUG logs of ranksearch.fitting and ranksearch.timing)")
     args = parser.parse_args(argv)
     # the configuration whose verdicts are kept across runs (benchmarks/history.py)
     args.standard = not (args.quick or args.models or args.targets or args.trials or args.batch1_only
@@ -1233,12 +1234,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.getLogger("ranksearch").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # for _LogRecorder
     if args.log_fits:
-        fits = logging.getLogger("ranksearch.fitting")
-        fits.setLevel(logging.DEBUG)
-        fits.propagate = False  # printed here only, not kept in RESULTS.md
         fits_handler = logging.StreamHandler(sys.stdout)
         fits_handler.setFormatter(logging.Formatter("    %(message)s"))
-        fits.addHandler(fits_handler)
+        for name in ("ranksearch.fitting", "ranksearch.timing"):
+            fits = logging.getLogger(name)
+            fits.setLevel(logging.DEBUG)
+            fits.propagate = False  # printed here only, not kept in RESULTS.md
+            fits.addHandler(fits_handler)
     warnings.filterwarnings("ignore", category=UserWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.manual_seed(args.seed)

@@ -65,6 +65,8 @@ from .workbench import drop_unreplaceable
 __all__ = ["optimize", "Targets"]
 
 log = logging.getLogger("ranksearch.search")
+timing_log = logging.getLogger("ranksearch.timing")  # every whole-model timing, for debugging the measurements
+
 
 def _infer_example_inputs(model: nn.Module, calib_data: Iterable[Any] | None) -> tuple[Any, ...]:
     """Example inputs when the user gave none: the first calibration item, or a first Linear's size."""
@@ -576,6 +578,9 @@ def _finish(
         plan = plan_of(trial, search.fingerprint)
         model = apply_plan(search.reference, plan).eval()
         measured_ms, spread = search.verified_latency(model, limit_ms=limit)
+        timing_log.debug("final check of trial %d (%s): %.3f ms (spread %.2f); its trial timed it at %s ms",
+                         trial.number, trial.user_attrs.get("seed") or trial.user_attrs.get("move", "sampled"),
+                         measured_ms, spread, trial.user_attrs.get("measured_latency_ms"))
         if search.predictor is not None:
             search.predictor.record(plan, measured_ms)
         checked.append((measured_ms, trial))

@@ -39,6 +39,7 @@ __all__ = ["TrialRunner"]
 
 log = logging.getLogger("ranksearch.search")
 fitting_log = logging.getLogger("ranksearch.fitting")
+timing_log = logging.getLogger("ranksearch.timing")  # every whole-model timing, for debugging the measurements
 
 # A measured latency this close to the target (relative) is measured again before it decides.
 _NEAR_TARGET = 0.04
@@ -211,12 +212,13 @@ class TrialRunner:
         the machine's drift (:meth:`drift`); each new measurement also calibrates the predictor.
 
         A measurement within its noise of the latency target cannot say on which side the plan is:
-        it is measured twice more and the median decides. Those are the plans the search wants most,
-        right at the budget. The noise is the larger of twice the measurement's own spread and how
-        far the original's recent timings fell apart (:meth:`timing_noise`), at least
-        ``_NEAR_TARGET``: the spread of one measurement misses how much timings seconds apart differ
-        on a busy machine. (MiniLM at batch 1 in the benchmark: a plan timed at 0.32 of the original
-        in its trial, 0.37 in the final check, the best plan of its search until then.)
+        it is measured twice more, each time right after a fresh timing of the original
+        (:meth:`_beside_original`), and the median of the three decides. Those are the plans the
+        search wants most, right at the budget. The noise is the larger of twice the measurement's
+        own spread and how far the original's recent timings fell apart (:meth:`timing_noise`), at
+        least ``_NEAR_TARGET``: the spread of one measurement misses how much timings seconds apart
+        differ on a busy machine. (MiniLM at batch 1 in the benchmark: a plan timed at 0.32 of the
+        original in its trial, 0.37 in the final check, the best plan of its search until then.)
         """
         key = choices_key({c.name: (c.method, c.rank) for c in plan.replaced})
         if key not in self._measured:
@@ -228,11 +230,30 @@ class TrialRunner:
             target = self.targets.latency_ms
             noise = max(2 * first.spread, self.timing_noise(), _NEAR_TARGET)
             if target is not None and abs(ms - target) / target < noise:
-                ms = statistics.median([first.ms, self.measure(model).ms, self.measure(model).ms]) / drift
+                scaled = ms
+                beside = [self._beside_original(model), self._beside_original(model)]
+                ms = statistics.median([scaled, *beside])
+                timing_log.debug("close call: %.3f ms scaled by drift %.3f; %.3f and %.3f ms beside the original; "
+                                 "%.3f ms against the %.3f ms target", scaled, drift, *beside, ms, target)
+            else:
+                timing_log.debug("%.3f ms scaled by drift %.3f against the %s ms target", ms, drift, target)
             self._measured[key] = ms
             if self.predictor is not None:
                 self.predictor.record(plan, ms)
         return self._measured[key]
+
+    def _beside_original(self, model: nn.Module) -> float:
+        """The model timed right after the original, as a latency at the search's start: its ratio to
+        that fresh timing of the original times the original's first latency.
+
+        A ratio of two timings seconds apart needs no estimate of the drift. :meth:`drift` is the
+        median of the original's last three timings; when two of them fell in one slow spell, every
+        plan measured until they are outvoted is scaled down by that spell. (MiniLM at batch 1 in
+        the benchmark: seeds timed at 0.68-0.70 of the original in their trials measured 0.80 in the
+        final check.) The original's timing counts for :meth:`drift` too.
+        """
+        self.retime_original()
+        return self.measure(model).ms / self._reference_ms[-1] * self.baseline.latency_ms
 
     def drift(self) -> float:
         """How much slower the machine runs the original now than when the search started.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -322,7 +323,8 @@ def test_a_secant_through_two_close_measurements_does_not_tilt_past_a_factor_of_
 
 
 def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> None:
-    runner = _runner_with_timer([1.01, 0.97, 0.98, 0.50], target_ms=1.0)
+    # the plan 1.01 ms; then (original, plan) twice: 1.0, 0.97 and 1.0, 0.98; then another plan 0.50
+    runner = _runner_with_timer([1.01, 1.0, 0.97, 1.0, 0.98, 0.50], target_ms=1.0)
     plan = runner.make_plan({"0": ("svd", 4)}, "test")
     assert runner.measured_latency(plan) == pytest.approx(0.98)  # 1.01 was within noise: median of three
     assert runner.measured_latency(plan) == pytest.approx(0.98)  # cached: no fourth measurement
@@ -333,7 +335,7 @@ def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> N
 def test_on_a_noisy_machine_a_measurement_further_from_the_target_is_repeated_too() -> None:
     # the original's timings 1.00, 1.12, 0.96 ms: 16% apart. A plan timed 10% under the target is
     # within that noise: measured twice more, and the median says it misses
-    noisy = _runner_with_timer([1.12, 0.96, 0.90, 1.02, 1.05], target_ms=1.0)
+    noisy = _runner_with_timer([1.12, 0.96, 0.90, 1.0, 1.02, 1.0, 1.05], target_ms=1.0)
     noisy.retime_original(times=2)
     assert noisy.timing_noise() == pytest.approx(0.16)
     assert noisy.measured_latency(noisy.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(1.02)
@@ -341,6 +343,21 @@ def test_on_a_noisy_machine_a_measurement_further_from_the_target_is_repeated_to
     quiet = _runner_with_timer([1.01, 0.99, 0.90], target_ms=1.0)
     quiet.retime_original(times=2)
     assert quiet.measured_latency(quiet.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.90)
+
+
+def test_a_close_call_is_timed_beside_the_original_not_scaled_by_a_slow_spell_in_its_timings(caplog) -> None:
+    # the original took 1.0 ms at the start; its two fresh timings fell in a slow spell (1.2 ms), so
+    # the drift estimate is 1.2. The plan, timed at 0.84 ms, counts as 0.70 ms by that estimate:
+    # near the 0.72 ms target. Timed twice more right after the original (1.0 ms each time, the
+    # spell over), it takes 0.84 of the original: it misses
+    runner = _runner_with_timer([1.2, 1.2, 0.84, 1.0, 0.84, 1.0, 0.85], target_ms=0.72)
+    runner.retime_original(times=2)
+    assert runner.drift() == pytest.approx(1.2)
+    plan = runner.make_plan({"0": ("svd", 4)}, "test")
+    with caplog.at_level(logging.DEBUG, logger="ranksearch.timing"):
+        assert runner.measured_latency(plan) == pytest.approx(0.84)  # the median of 0.70, 0.84 and 0.85: a miss
+    assert "close call: 0.700 ms scaled by drift 1.200; 0.840 and 0.850 ms beside the original" in caplog.text
+    assert runner.drift() == pytest.approx(1.0)  # the original's timings beside the plan outvote the spell
 
 
 def test_final_check_cancels_the_machines_drift() -> None:
