@@ -578,9 +578,10 @@ def _finish(
         plan = plan_of(trial, search.fingerprint)
         model = apply_plan(search.reference, plan).eval()
         measured_ms, spread = search.verified_latency(model, limit_ms=limit)
-        timing_log.debug("final check of trial %d (%s): %.3f ms (spread %.2f); its trial timed it at %s ms",
+        in_trial = trial.user_attrs.get("measured_latency_ms")
+        timing_log.debug("final check of trial %d (%s): %.3f ms (spread %.2f); its trial timed it at %s",
                          trial.number, trial.user_attrs.get("seed") or trial.user_attrs.get("move", "sampled"),
-                         measured_ms, spread, trial.user_attrs.get("measured_latency_ms"))
+                         measured_ms, spread, "no time" if in_trial is None else f"{in_trial:.3f} ms")
         if search.predictor is not None:
             search.predictor.record(plan, measured_ms)
         checked.append((measured_ms, trial))

@@ -212,9 +212,10 @@ class TrialRunner:
         the machine's drift (:meth:`drift`); each new measurement also calibrates the predictor.
 
         A measurement within its noise of the latency target cannot say on which side the plan is:
-        it is measured twice more, each time right after a fresh timing of the original
-        (:meth:`_beside_original`), and the median of the three decides. Those are the plans the
-        search wants most, right at the budget. The noise is the larger of twice the measurement's
+        it is measured again right after a fresh timing of the original (:meth:`_beside_original`).
+        When the two agree on the side, their mean counts; when they do not, a third timing beside
+        the original is taken and the median of the three decides. Those are the plans the search
+        wants most, right at the budget. The noise is the larger of twice the measurement's
         own spread and how far the original's recent timings fell apart (:meth:`timing_noise`), at
         least ``_NEAR_TARGET``: the spread of one measurement misses how much timings seconds apart
         differ on a busy machine. (MiniLM at batch 1 in the benchmark: a plan timed at 0.32 of the
@@ -230,11 +231,15 @@ class TrialRunner:
             target = self.targets.latency_ms
             noise = max(2 * first.spread, self.timing_noise(), _NEAR_TARGET)
             if target is not None and abs(ms - target) / target < noise:
-                scaled = ms
-                beside = [self._beside_original(model), self._beside_original(model)]
-                ms = statistics.median([scaled, *beside])
-                timing_log.debug("close call: %.3f ms scaled by drift %.3f; %.3f and %.3f ms beside the original; "
-                                 "%.3f ms against the %.3f ms target", scaled, drift, *beside, ms, target)
+                timings = [ms, self._beside_original(model)]
+                if (timings[0] <= target) == (timings[1] <= target):
+                    ms = statistics.mean(timings)
+                else:  # they disagree on the side: a third timing decides
+                    timings.append(self._beside_original(model))
+                    ms = statistics.median(timings)
+                timing_log.debug("close call: %.3f ms scaled by drift %.3f; %s ms beside the original; %.3f ms against "
+                                 "the %.3f ms target", timings[0], drift, " and ".join(f"{t:.3f}" for t in timings[1:]),
+                                 ms, target)
             else:
                 timing_log.debug("%.3f ms scaled by drift %.3f against the %s ms target", ms, drift, target)
             self._measured[key] = ms

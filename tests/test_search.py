@@ -323,13 +323,18 @@ def test_a_secant_through_two_close_measurements_does_not_tilt_past_a_factor_of_
 
 
 def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> None:
-    # the plan 1.01 ms; then (original, plan) twice: 1.0, 0.97 and 1.0, 0.98; then another plan 0.50
+    # the plan 1.01 ms, over the 1.0 ms target; then (original, plan): 1.0, 0.97, under it. They
+    # disagree: (original, plan) once more: 1.0, 0.98. Then another plan: 0.50
     runner = _runner_with_timer([1.01, 1.0, 0.97, 1.0, 0.98, 0.50], target_ms=1.0)
     plan = runner.make_plan({"0": ("svd", 4)}, "test")
     assert runner.measured_latency(plan) == pytest.approx(0.98)  # 1.01 was within noise: median of three
     assert runner.measured_latency(plan) == pytest.approx(0.98)  # cached: no fourth measurement
     far = runner.make_plan({"0": ("svd", 2)}, "test")
     assert runner.measured_latency(far) == pytest.approx(0.50)  # far from the target: one measurement
+    # a close call whose timing beside the original (0.97) agrees on the side: the mean, no third timing
+    runner = _runner_with_timer([0.99, 1.0, 0.97, 0.50], target_ms=1.0)
+    assert runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.98)
+    assert runner.measured_latency(runner.make_plan({"0": ("svd", 2)}, "test")) == pytest.approx(0.50)
 
 
 def test_on_a_noisy_machine_a_measurement_further_from_the_target_is_repeated_too() -> None:
