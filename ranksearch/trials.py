@@ -241,7 +241,8 @@ class TrialRunner:
                                  "the %.3f ms target", timings[0], drift, " and ".join(f"{t:.3f}" for t in timings[1:]),
                                  ms, target)
             else:
-                timing_log.debug("%.3f ms scaled by drift %.3f against the %s ms target", ms, drift, target)
+                timing_log.debug("%.3f ms scaled by drift %.3f against %s", ms, drift,
+                                 "no latency target" if target is None else f"the {target:.3f} ms target")
             self._measured[key] = ms
             if self.predictor is not None:
                 self.predictor.record(plan, ms)
