@@ -43,6 +43,7 @@ full run of the standard configuration also appends its verdicts to benchmarks/r
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import importlib
 import json
@@ -709,8 +710,9 @@ class Benchmark:
             lambda missed: next((f for f in fallbacks if f[0] not in missed), None))
         self.score_plan(task, row, plan, compressed, quality_memo, after_ft.get(chosen))
         methods = sorted({c.method for c in plan.replaced})
-        repairs = len(result.study.trials) - trials  # cut plans, after a plan missed the final check
-        row.knob = (f"{trials} trials{f' + {repairs} repair(s)' if repairs else ''}; "
+        # cut plans run after the trials: repairs of a plan that missed the final check, headroom spares
+        extra = collections.Counter(t.user_attrs.get("move", "extra") for t in result.study.trials[trials:])
+        row.knob = (f"{trials} trials{''.join(f' + {n} {move}' for move, n in sorted(extra.items()))}; "
                     f"{len(plan.replaced)} layers: {', '.join(methods)}")
 
         # ranksearch-ft: the best after fine-tuning; on a miss, a Pareto plan fine-tuned in its place
@@ -817,7 +819,8 @@ class Benchmark:
             frozen = trials[int(chosen)]
             stats.best_origin = frozen.user_attrs.get("seed", f"trial {chosen}")
             if "neighbour_of" in frozen.user_attrs:
-                kind = "repair" if frozen.user_attrs.get("move") == "repair" else "neighbour"
+                move = frozen.user_attrs.get("move")
+                kind = move if move in ("repair", "headroom") else "neighbour"
                 stats.best_origin += f" ({kind} of {frozen.user_attrs['neighbour_of']})"
             # a plan rechecked after a miss in its trial has no score there
             stats.best_val = frozen.values[0] if frozen.values else math.nan
@@ -1063,7 +1066,8 @@ class Benchmark:
                 "time_rebuild_s, time_cost_s (analytic costs + predicted latency), time_measure_s (whole-model "
                 "latency of each built plan), time_eval_s), *neighbours*: trials that were local moves around the "
                 "best plan so far (`ranksearch.neighbours`) and repairs (a plan that missed the final latency "
-                "check by a little, cut to fit, in up to two ways: one more trial each), the origin of the plan returned, and how "
+                "check by a little, cut to fit, in up to two ways: one more trial each) and headroom spares (an "
+                "answer at the limit cut to about 5% under the target, for `result.pareto`), the origin of the plan returned, and how "
                 "many trials it took until the best feasible validation score so far matched the best "
                 "baseline's validation score (baselines that meet the target on measurement). "
                 "Seeds (VBMF, energy, budget-fitted uniform/energy plans) are the first trials."), "",

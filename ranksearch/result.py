@@ -56,7 +56,9 @@ class SearchResult:
         baseline: figures of the original model.
         final: figures of ``model``; its latency was measured again at the end.
         pareto: feasible plans on the quality / latency front, best quality first; those the final
-            check timed carry its latency (``checked_latency_ms``).
+            check timed carry its latency (``checked_latency_ms``). When the answer sits less than 5%
+            under the latency target, the front also holds it cut to about 5% under that (its trial
+            has ``user_attrs["move"] == "headroom"``), for a device that times the answer slower.
         targets: the budgets, as absolute numbers.
         prediction_error: how far predicted model latency was from full-model measurements.
         message: a sentence on what happened (e.g. the original already met the target).

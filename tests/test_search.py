@@ -469,6 +469,7 @@ def test_the_final_checks_rounds_are_timed_with_one_attempt_each(digits_mlp, mon
         return measure_latency(*args, max_attempts=max_attempts, **kwargs)
 
     monkeypatch.setattr(ranksearch.search, "measure_latency", recorded)
+    monkeypatch.setattr(ranksearch.search, "_HEADROOM", 0.0)  # no spare cut: its trial would time after the checks
     ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6,
                         n_trials=6, seed=0, show_progress_bar=False, sensitivity=False)
     # the final check: rounds of (original, plan), one attempt each; the median over rounds discounts a noisy one
@@ -507,6 +508,30 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
     unrepaired = ranksearch.optimize(model, x, **kwargs)
     assert len(unrepaired.study.trials) == 10
     assert unrepaired.final.score < result.final.score
+
+
+def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    kwargs = dict(target_latency_ratio=0.7, latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6, n_trials=10,
+                  seed=0, show_progress_bar=False, sensitivity=False)
+    result = ranksearch.optimize(model, x, **kwargs)
+    target = 0.7 * result.baseline.latency_ms
+    assert 0.95 * target <= result.final.latency_ms <= target  # the answer sits at the budget
+    spares = [t for t in result.study.trials if t.user_attrs.get("move") == "headroom"]
+    assert spares and all(t.user_attrs["neighbour_of"] == result.plan.metadata["trial"] for t in spares)
+    front = {p.trial: p for p in result.pareto}
+    on_front = [front[t.number] for t in spares if t.number in front]
+    # about 5% under the target (the cut aims at 0.99 / 1.05 of it), and worse than the answer
+    assert on_front and all(0.85 * target <= p.measured_latency_ms <= 0.97 * target for p in on_front)
+    assert all(p.score <= result.final.score for p in on_front)
+
+    monkeypatch.setattr(ranksearch.search, "_HEADROOM", 0.0)  # no spare: the same answer, and no extra trial
+    plain = ranksearch.optimize(model, x, **kwargs)
+    assert len(plain.study.trials) == len(result.study.trials) - len(spares)
+    assert plain.plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
 
 
 def test_a_repair_its_own_trial_timing_rules_out_is_still_checked(digits_mlp, monkeypatch) -> None:
