@@ -1067,7 +1067,7 @@ class Benchmark:
                 "latency of each built plan), time_eval_s), *neighbours*: trials that were local moves around the "
                 "best plan so far (`ranksearch.neighbours`) and repairs (a plan that missed the final latency "
                 "check by a little, cut to fit, in up to two ways: one more trial each) and headroom spares (an "
-                "answer at the limit cut to about 5% under the target, for `result.pareto`), the origin of the plan returned, and how "
+                "answer less than 5% under the target cut to about 5% under it, for `result.pareto`), the origin of the plan returned, and how "
                 "many trials it took until the best feasible validation score so far matched the best "
                 "baseline's validation score (baselines that meet the target on measurement). "
                 "Seeds (VBMF, energy, budget-fitted uniform/energy plans) are the first trials."), "",

@@ -21,8 +21,8 @@ How a search runs:
    timed for more rounds); if it misses the target by a little, it is cut to fit - uniformly, and
    where the sensitivity table says it costs least - and the cuts are checked as more trials (the
    *repair*); the next best plans are tried in turn; if none meets it, TargetUnreachableError says
-   so. An answer within a few percent of the target is also cut to about that much under it, as one
-   more trial: a spare on the Pareto front for a device that times it a little slower (*headroom*).
+   so. An answer less than 5% under the target is also cut to about 5% under it, the same ways, as
+   more trials: a spare on the Pareto front for a device that times it a little slower (*headroom*).
    With ``finetune_fn``, the plans fine-tuned are the best one, then the best of other lineages.
 
 The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
