@@ -465,11 +465,11 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
 def _headroom_cut(study: optuna.Study, search: TrialRunner, trial: optuna.trial.FrozenTrial, verified_ms: float,
                   target_ms: float | None, sensitivity: SensitivityTable | None) -> None:
     """When the answer's final check puts it less than ``_HEADROOM`` under the latency target (or over
-    it, within the tolerance), its plan cut to about that much under the answer's latency and the
-    target, as more trials (``move="headroom"``): a spare on the Pareto
-    front (``result.pareto``) for a device, or a later timing, that finds the answer a few percent
-    slower. A search spends its trials at the budget, so without it the next plan there under the
-    target is often much worse. The answer itself is unchanged.
+    it, within the tolerance), its plan cut to about ``_HEADROOM`` under that measurement, as more
+    trials (``move="headroom"``): a spare on the Pareto front (``result.pareto``) for a device, or a
+    later timing, that finds the answer a few percent slower. A search spends its trials at the
+    budget, so without it the next plan there under the target is often much worse. The answer
+    itself is unchanged.
     """
     if target_ms is None or search.predictor is None or verified_ms < target_ms * (1 - _HEADROOM):
         return
