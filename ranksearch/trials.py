@@ -199,7 +199,7 @@ class TrialRunner:
             plan = self.make_plan(choices, "check")
             predicted = self.predictor.predict(plan)  # before the measurement recalibrates it
             feasible = self.measured_feasible(choices)
-            fitting_log.debug("fit: measured %.3f ms (predicted %.3f ms) against the %s ms target",
+            fitting_log.debug("fit: measured %.3f ms (predicted %.3f ms) against the %.3f ms target",
                               self.measured_latency(plan), predicted, self.targets.latency_ms)
             return feasible
 
