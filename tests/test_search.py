@@ -365,6 +365,38 @@ def test_a_close_call_is_timed_beside_the_original_not_scaled_by_a_slow_spell_in
     assert runner.drift() == pytest.approx(1.0)  # the original's timings beside the plan outvote the spell
 
 
+def test_the_noise_band_spans_the_originals_timings_over_the_last_minute(monkeypatch) -> None:
+    import types
+
+    import ranksearch.trials
+
+    clock = [0.0]
+    monkeypatch.setattr(ranksearch.trials, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                                          perf_counter=time.perf_counter))
+
+    def runner_after_a_slow_stretch(stretch_at: float, plan_timings: list[float]):
+        # the original: 1.0 ms at the start, 0.88 ms at once, then a slow stretch of three at 1.06 ms,
+        # which agree: the drift estimate is 1.06 and the last three timings are 0% apart
+        clock[0] = 0.0
+        runner = _runner_with_timer([0.88, 1.06, 1.06, 1.06, *plan_timings], target_ms=1.0)
+        runner.retime_original()
+        clock[0] = stretch_at
+        runner.retime_original(times=3)
+        clock[0] = stretch_at + 5.0
+        return runner
+
+    # within a minute of the 0.88 ms timing: the noise is 17%, so a plan the estimate puts 10% under
+    # the target (0.954 / 1.06) is timed beside the original, twice (the stretch is over: 0.9 ms), and
+    # takes 1.06 and 1.055 of it: it misses
+    runner = runner_after_a_slow_stretch(50.0, [0.954, 0.9, 0.954, 0.9, 0.95])
+    assert runner.timing_noise() == pytest.approx(0.18 / 1.06)
+    assert runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.95 / 0.9)
+    # the 0.88 ms timing more than a minute old: the last three agree, one timing decides
+    runner = runner_after_a_slow_stretch(70.0, [0.954])
+    assert runner.timing_noise() == 0.0
+    assert runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.90)
+
+
 def test_final_check_cancels_the_machines_drift() -> None:
     # the original took 1.0 ms when the search started; now the machine runs about twice as slow
     runner = _runner_with_timer([2.0, 1.0, 2.2, 1.2, 1.8, 0.9], target_ms=0.6)
