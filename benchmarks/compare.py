@@ -268,6 +268,8 @@ class Row:
     compress_s: float = math.nan
     note: str = ""
     knob: str = ""
+    #: ranksearch with no plan: the latency ratio of the fastest plan its search measured
+    fastest: float | None = None
 
     @property
     def meets(self) -> bool:
@@ -664,6 +666,8 @@ class Benchmark:
             if exc.sensitivity is not None:
                 self.sensitivity[task.name] = exc.sensitivity
             row.note = f"no plan met the target: {str(exc)[:240]}"
+            if exc.best_latency_ms is not None and exc.study is not None:
+                row.fastest = exc.best_latency_ms / exc.study.user_attrs["baseline"]["latency_ms"]
             row.compress_s = time.perf_counter() - started + sensitivity_s
             if exc.study is not None:
                 self.trial_stats(stats, exc.study, row.compress_s, base_ms, chosen=None)
@@ -943,9 +947,15 @@ class Benchmark:
             n = self.headline_n.get(key[0])
             cells = [f"| {key[0]} | {key[1]} | {key[2]:.2f} |"]
             record: dict[str, Any] = {"model": key[0], "batch": key[1], "target": key[2]}
+            # no method met the target, and the search said so (TargetUnreachableError), as it should
+            unreachable = not others and any(r.fastest is not None for r in rows if r.method == "ranksearch")
             for method, after_ft in (("ranksearch", False), (FT_METHOD, True)):
                 ours = next((r for r in rows if r.method == method), None)
-                if ours is None or ours.quality is None or ours.latency is None:
+                if unreachable:
+                    verdict = "unreachable (no method met it)"
+                    fastest = next(r.fastest for r in rows if r.method == "ranksearch")
+                    cells.append(f" no plan: fastest found {fastest:.2f} | none meets it{_fastest(rows)} | {verdict} |")
+                elif ours is None or ours.quality is None or ours.latency is None:
                     verdict = "**no** (no plan)"  # the search found nothing, or failed
                     cells.append(f" {ours.note[:90] if ours else 'missing'} | - | {verdict} |")
                 elif not others:
@@ -1037,7 +1047,10 @@ class Benchmark:
              "says so. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
              "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here. "
-             "*no plan*: the search returned none (`TargetUnreachableError`) or failed."),
+             "*no plan*: the search returned none (`TargetUnreachableError`) or failed while a baseline met the "
+             "target. *unreachable*: no method met the target on this machine, and the search said so "
+             "(`TargetUnreachableError`, with the fastest plan it measured) instead of returning a plan that "
+             "misses it; not a loss."),
             "",
             *verdict_lines,
             "",
@@ -1133,6 +1146,15 @@ def _verdict(meets: bool, ours: float, theirs: float, n: int | None) -> str:
         if theirs - ours <= 2 * math.sqrt(p * (1 - p) / n):
             return f"tie (-{theirs - ours:.3f})"
     return f"**no** (-{theirs - ours:.3f})"
+
+
+def _fastest(rows: Sequence[Row]) -> str:
+    """`` (fastest: uniform-tucker2 0.39)``: the baseline that came closest to a target none met."""
+    timed = [r for r in rows if not _ours(r) and r.latency is not None]
+    if not timed:
+        return ""
+    fastest = min(timed, key=lambda r: r.latency.ratio)  # type: ignore[union-attr]
+    return f" (fastest: {fastest.method} {fastest.latency.ratio:.2f})"  # type: ignore[union-attr]
 
 
 def _ours(row: Row) -> bool:

@@ -24,13 +24,14 @@ from typing import Any
 HISTORY = Path(__file__).resolve().parent / "results" / "verdicts.jsonl"
 #: runs shown side by side in RESULTS.md
 SHOWN = 6
-WORDS = ("yes", "tie", "no", "misses", "no plan")
+WORDS = ("yes", "tie", "no", "misses", "no plan", "unreachable")
 
 
 def verdict_word(verdict: str) -> str:
-    """``"yes"``, ``"tie"``, ``"no"``, ``"misses"`` or ``"no plan"`` (the search returned none) from a
-    verdict cell (``"tie (-0.004)"``...)."""
-    for words in ("misses", "no plan"):
+    """``"yes"``, ``"tie"``, ``"no"``, ``"misses"``, ``"no plan"`` (the search returned none) or
+    ``"unreachable"`` (no method met the target, and the search said so) from a verdict cell
+    (``"tie (-0.004)"``...)."""
+    for words in ("misses", "no plan", "unreachable"):
         if words in verdict:
             return words
     for word in ("yes", "tie", "no"):

@@ -80,3 +80,28 @@ def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(
     other = compare.Row("m", "batch 1", 0.5, "energy")
     bench.figures(setting, model, other, "energy:plan")
     assert len(timed) == 2 and other.latency != first.latency
+
+
+def _row(target: float, method: str, ratio: float | None, test: float = 0.5, **fields) -> compare.Row:
+    quality = compare.Quality(test, {"acc": test}, {"acc": test}) if ratio is not None else None
+    latency = compare.Latency(ratio, ratio, ratio, 1.0) if ratio is not None else None
+    return compare.Row("cnn", "batch 1", target, method, latency=latency, quality=quality, **fields)
+
+
+def test_a_target_no_method_meets_is_unreachable_not_a_loss() -> None:
+    # and a search without a plan where a baseline met the target is one
+    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    no_plan = "no plan met the target: no plan met the budget"
+    bench.rows = [
+        # 0.35: the search measured 0.40 at best, and no baseline met it either (the fastest 0.39)
+        _row(0.35, "ranksearch", None, note=no_plan, fastest=0.40),
+        _row(0.35, "uniform-tucker2", 0.39), _row(0.35, "energy", 0.44),
+        # 0.5: the same answer from the search, but a baseline met the target
+        _row(0.5, "ranksearch", None, note=no_plan, fastest=0.52),
+        _row(0.5, "energy", 0.49),
+    ]
+    lines, records = bench.verdicts()
+    unreachable, lost = records
+    assert unreachable["ranksearch"] == unreachable["ranksearch-ft"] == "unreachable"
+    assert lost["ranksearch"] == lost["ranksearch-ft"] == "no plan"
+    assert "no plan: fastest found 0.40 | none meets it (fastest: uniform-tucker2 0.39)" in lines[2]

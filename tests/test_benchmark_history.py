@@ -18,6 +18,7 @@ def test_verdict_words_from_the_verdict_cells() -> None:
     assert history.verdict_word("**no** (-0.067)") == "no"
     assert history.verdict_word("**no** (misses)") == "misses"
     assert history.verdict_word("**no** (no plan)") == "no plan"
+    assert history.verdict_word("unreachable (no method met it)") == "unreachable"
     with pytest.raises(ValueError, match="not a verdict"):
         history.verdict_word("0.9518")
 
