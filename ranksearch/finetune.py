@@ -8,8 +8,9 @@ order (one at 0.22 before reached 0.96 after; one at 0.28 before, 0.76). Fine-tu
 trial would multiply the search's cost, so only the last step changes: with
 ``optimize(finetune_fn=...)`` a few plans whose latency was verified are each fine-tuned on a copy
 and scored again, and the one that scores best after fine-tuning is returned, fine-tuned. The
-candidates are the best plan, then the best plans of other lineages: a plan and the local moves
-made from it recover alike (``ranksearch.search._new_lineages_first``).
+candidates are the best plan, then the energy-threshold seed fitted to the budget (such plans
+recover better than their score before the fine-tune says), then the best plans of other lineages:
+a plan and the local moves made from it recover alike (``ranksearch.search._fine_tune_order``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from .fitting import Choices, Fit
 from .rank import default_method, suggest_rank
 from .space import LayerCandidates, SearchSpace
 
-__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS"]
+__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED"]
 
 log = logging.getLogger("ranksearch.warmstart")
 
@@ -33,6 +33,8 @@ log = logging.getLogger("ranksearch.warmstart")
 SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
 #: the range the budget-fitted energy threshold is searched in (tight budgets need low thresholds)
 ENERGY_FIT_RANGE = (0.15, 0.999)
+#: the origin of the seed whose energy threshold is fitted to the budget
+ENERGY_FIT_SEED = "seed:energy-fit"
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], sp
 
     fitted = fit(energy_plan, ENERGY_FIT_RANGE[0], ENERGY_FIT_RANGE[1])
     if fitted:
-        seeds.append(Seed("seed:energy-fit", fitted))
+        seeds.append(Seed(ENERGY_FIT_SEED, fitted))
 
     families = sorted({m for cand in searchable for m in cand.methods})
     for family in families:

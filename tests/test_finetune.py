@@ -130,12 +130,22 @@ def test_further_candidates_come_from_other_lineages_first(digits_mlp, monkeypat
     assert [r.trial for r in records] == [best, plain[2].trial, second]
 
 
-def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
-    from ranksearch.search import _lineage, _new_lineages_first
+def test_the_energy_seed_fitted_to_the_budget_is_fine_tuned_after_the_best_plan(digits_mlp) -> None:
+    model, data = digits_mlp
+    result = _search(model, data, finetune_fn=_fine_tune(data), finetune_candidates=2)
+    energy = [t for t in result.study.trials if t.user_attrs.get("seed") == "seed:energy-fit"]
+    assert len(energy) == 1 and energy[0].values is not None  # fitted to the FLOP budget, and met it
+    best_score = max(t.values[0] for t in result.study.trials if t.values and t.number != energy[0].number)
+    assert energy[0].values[0] < best_score  # not the best before fine-tuning
+    assert result.fine_tuned is not None and [r.trial for r in result.fine_tuned][1] == energy[0].number
 
-    def trial(number: int, parent: int | None = None) -> optuna.trial.FrozenTrial:
+
+def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
+    from ranksearch.search import _fine_tune_order, _lineage
+
+    def trial(number: int, parent: int | None = None, seed: str | None = None) -> optuna.trial.FrozenTrial:
         attrs = {} if parent is None else {"neighbour_of": parent, "move": "exchange"}
-        made = optuna.trial.create_trial(values=[0.5, 1.0], user_attrs=attrs)
+        made = optuna.trial.create_trial(values=[0.5, 1.0], user_attrs=attrs if seed is None else {"seed": seed})
         made.number = number
         return made
 
@@ -143,10 +153,20 @@ def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
     by_number = {t.number: t for t in trials}
     assert [_lineage(t, by_number) for t in trials] == [0, 1, 0, 0, 1, 5]
     queue = [by_number[n] for n in (3, 2, 4, 5, 1)]
-    _new_lineages_first(queue, {0}, by_number)
+    _fine_tune_order(queue, {0}, by_number)
     assert [t.number for t in queue] == [4, 5, 1, 3, 2]  # lineage 0 last, each group in its order
-    _new_lineages_first(queue, {0, 1}, by_number)
+    _fine_tune_order(queue, {0, 1}, by_number)
     assert [t.number for t in queue] == [5, 4, 1, 3, 2]
+
+    # the energy-threshold seed fitted to the budget goes first, however it scored before the fine-tune
+    energy = trial(6, seed="seed:energy-fit")
+    by_number[6] = energy
+    queue = [by_number[n] for n in (3, 4, 5, 6)]
+    _fine_tune_order(queue, {0}, by_number)
+    assert [t.number for t in queue] == [6, 4, 5, 3]
+    # unless a verified plan descends from it: then it is one more plan of that lineage
+    _fine_tune_order(queue, {0, 6}, by_number)
+    assert [t.number for t in queue] == [4, 5, 6, 3]
 
 
 def test_a_failing_fine_tune_is_reported_with_what_to_fix(digits_mlp) -> None:
