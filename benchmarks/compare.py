@@ -949,14 +949,14 @@ class Benchmark:
             n = self.headline_n.get(key[0])
             cells = [f"| {key[0]} | {key[1]} | {key[2]:.2f} |"]
             record: dict[str, Any] = {"model": key[0], "batch": key[1], "target": key[2]}
-            # no method met the target, and the search said so (TargetUnreachableError), as it should
-            unreachable = not others and any(r.fastest is not None for r in rows if r.method == "ranksearch")
+            # the search said no plan meets the target (TargetUnreachableError), with its fastest one
+            searched_fastest = next((r.fastest for r in rows if r.method == "ranksearch"), None)
             for method, after_ft in (("ranksearch", False), (FT_METHOD, True)):
                 ours = next((r for r in rows if r.method == method), None)
-                if unreachable:
+                if searched_fastest is not None and not others:  # and no baseline met it either
                     verdict = "unreachable (no method met it)"
-                    fastest = next(r.fastest for r in rows if r.method == "ranksearch")
-                    cells.append(f" no plan: fastest found {fastest:.2f} | none meets it{_fastest(rows)} | {verdict} |")
+                    cells.append(f" no plan: fastest found {searched_fastest:.2f} | none meets it{_fastest(rows)} | "
+                                 f"{verdict} |")
                 elif ours is None or ours.quality is None or ours.latency is None:
                     verdict = "**no** (no plan)"  # the search found nothing, or failed
                     cells.append(f" {ours.note[:90] if ours else 'missing'} | - | {verdict} |")
