@@ -397,6 +397,29 @@ def test_the_noise_band_spans_the_originals_timings_over_the_last_minute(monkeyp
     assert runner.measured_latency(runner.make_plan({"0": ("svd", 4)}, "test")) == pytest.approx(0.90)
 
 
+def test_a_candidate_is_skipped_on_its_own_trial_timing_not_on_the_predictors_estimate() -> None:
+    from ranksearch.search import _expected_check_ms
+
+    def timed(number: int, trial_ms: float | None) -> optuna.trial.FrozenTrial:
+        made = optuna.trial.create_trial(values=[0.5, 1.0], user_attrs={} if trial_ms is None else
+                                         {"measured_latency_ms": trial_ms})
+        made.number = number
+        return made
+
+    def predict(_trial) -> float:
+        return 2.28  # over the 2.19 ms limit: 10% over the candidate's own timing
+
+    candidate = timed(3, 2.076)
+    # one check so far, 1.5% over its trial's timing: the candidate's check would measure about 2.107 ms
+    assert _expected_check_ms(candidate, [(2.10, timed(2, 2.07))], predict) == pytest.approx(2.076 * 2.10 / 2.07)
+    # checks so far 10% over their trials' timings (the median of 1.1, 1.1 and 0.95): about 2.284 ms, a skip
+    checked = [(2.2, timed(1, 2.0)), (1.1, timed(2, 1.0)), (0.95, timed(4, 1.0))]
+    assert _expected_check_ms(candidate, checked, predict) == pytest.approx(2.076 * 1.1)
+    # no trial timing to scale (the candidate's or the checks'): the predictor's estimate
+    assert _expected_check_ms(timed(5, None), checked, predict) == 2.28
+    assert _expected_check_ms(candidate, [(2.1, timed(6, None))], predict) == 2.28
+
+
 def test_final_check_cancels_the_machines_drift() -> None:
     # the original took 1.0 ms when the search started; now the machine runs about twice as slow
     runner = _runner_with_timer([2.0, 1.0, 2.2, 1.2, 1.8, 0.9], target_ms=0.6)
