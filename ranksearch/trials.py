@@ -88,8 +88,7 @@ class TrialRunner:
         self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
         self._measured: dict[str, float] = {}  # plan key -> measured latency, ms
         self._reference_ms = [baseline.latency_ms]  # the original's timings, for drift()
-        self._reference_at = [time.monotonic()]  # when each was taken, for timing_noise()
-        self._drift_checked = self._reference_at[0]
+        self._reference_at = [time.monotonic()]  # when each was taken, for drift() and timing_noise()
 
     # -- plans ----------------------------------------------------------------------------------
 
@@ -274,7 +273,7 @@ class TrialRunner:
         three timings over the first.
         """
         now = time.monotonic()
-        if now - self._drift_checked > _DRIFT_INTERVAL_S:
+        if now - self._reference_at[-1] > _DRIFT_INTERVAL_S:
             self.retime_original()
         return statistics.median(self._reference_ms[-3:]) / self.baseline.latency_ms
 
@@ -301,7 +300,6 @@ class TrialRunner:
         for _ in range(times):
             self._reference_ms.append(self.measure(self.reference).ms)
             self._reference_at.append(time.monotonic())
-        self._drift_checked = self._reference_at[-1]
 
     def verified_latency(self, model: nn.Module, rounds: int = 5, limit_ms: float | None = None) -> tuple[float, float]:
         """The final check of a model's latency: ``(ms, spread)``, timed alternately with the original.
