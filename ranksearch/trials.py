@@ -120,6 +120,24 @@ class TrialRunner:
                 choices[cand.spec.name] = (method, rank)
         return choices
 
+    def fastest_choices(self) -> Choices:
+        """The fastest plan the space allows, by the predictor: each layer replaced at the space's
+        smallest cost fraction by the method predicted to save it the most time, or kept where no
+        method is predicted to save any (a replacement adds layers, and small layers lose by it)."""
+        assert self.predictor is not None
+        original_ms = self.predictor.predict(self.make_plan({}, "check"))
+        choices: Choices = {}
+        for cand in self.searchable:
+            fastest_ms = original_ms
+            for method in cand.methods:
+                rank = self.space.rank_for(cand.spec, method, self.space.cost_fraction_low)
+                if rank is None:
+                    continue
+                predicted = self.predictor.predict(self.make_plan({cand.spec.name: (method, rank)}, "check"))
+                if predicted < fastest_ms:
+                    fastest_ms, choices[cand.spec.name] = predicted, (method, rank)
+        return choices
+
     def violations(self, choices: dict[str, tuple[str, Any]], *, measured: bool = False,
                    corrected: Callable[[float], float] | None = None) -> dict[str, float]:
         """Relative excess over each budget of a plan, from analytic costs and predicted latency

@@ -466,6 +466,20 @@ def _when_the_trials_end(monkeypatch, state: dict, key: str, value) -> None:
     monkeypatch.setattr(ranksearch.search, "_finish", switched)
 
 
+def _after_the_reach_check(monkeypatch, state: dict, key: str, value) -> None:
+    """Set ``state[key] = value`` once the search has checked, before its trials, that the latency
+    target is within reach (``_check_latency_reachable``)."""
+    import ranksearch.search
+
+    check = ranksearch.search._check_latency_reachable
+
+    def switched(*args, **kwargs):
+        check(*args, **kwargs)
+        state[key] = value
+
+    monkeypatch.setattr(ranksearch.search, "_check_latency_reachable", switched)
+
+
 def _slower_once_the_trials_end(monkeypatch, model: nn.Module, x: torch.Tensor):
     """A latency_fn (FLOPs as ms) under which compressed models run 25% slower once the trials end (in
     the final checks), and the state that switches it (``state["on"] = False`` switches it back)."""
@@ -486,12 +500,13 @@ def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_m
     model, data = digits_mlp
     x = data.x_test[:16]
     original_flops = count_flops(model, x)
-    slow = {"on": True}
+    slow = {"on": False}
 
     def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; compressed models 10x slower during the trials
         flops = count_flops(m, inputs)
         return flops / 1e6 * (10 if slow["on"] and flops < original_flops else 1)
 
+    _after_the_reach_check(monkeypatch, slow, "on", True)  # the spell starts as the seeds are fitted
     _when_the_trials_end(monkeypatch, slow, "on", False)  # the machine is quiet again for the final checks
     kwargs = dict(target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=6, seed=0, show_progress_bar=False,
                   sensitivity=False)
@@ -503,10 +518,65 @@ def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_m
     chosen = trials[result.plan.metadata["trial"]]
     assert chosen.constraints["latency"] > 0  # a plan the trials had ruled out on its (slow) latency
 
-    slow["on"] = True
     monkeypatch.setattr(ranksearch.search, "_RECHECKS", 0)  # without the second look: nothing met the target
     with pytest.raises(ranksearch.TargetUnreachableError):
         ranksearch.optimize(model, x, **kwargs)
+
+
+def _overhead_latency_fn(model: nn.Module, x: torch.Tensor, overhead: float):
+    """A latency_fn: FLOPs as ms plus a fixed time, ``overhead`` of the original's, which no plan removes."""
+    fixed_ms = overhead / (1 - overhead) * count_flops(model, x) / 1e6
+    return lambda m, inputs: count_flops(m, inputs) / 1e6 + fixed_ms
+
+
+def test_a_latency_target_out_of_the_spaces_reach_fails_before_the_trials(digits_mlp) -> None:
+    from ranksearch.rebuild import apply_plan
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    latency_fn = _overhead_latency_fn(model, x, overhead=0.6)  # no plan runs in less than 0.6 of the original
+    kwargs = dict(latency_fn=latency_fn, n_trials=4, seed=0, show_progress_bar=False, sensitivity=False)
+    with pytest.raises(ranksearch.TargetUnreachableError, match="out of reach.*cost_fraction.low") as info:
+        ranksearch.optimize(model, x, target_latency_ratio=0.4, **kwargs)
+    error = info.value
+    assert error.study is not None and not error.study.trials  # no trial ran
+    baseline_ms = latency_fn(model, x)
+    assert 0.6 < error.best_latency_ms / baseline_ms < 0.7
+    # the error carries the fastest plan, with the latency it measured
+    assert error.best_plan.replaced
+    assert error.best_latency_ms == pytest.approx(latency_fn(apply_plan(model, error.best_plan), x), rel=1e-6)
+
+    # a target just out of reach, inside the check's margin, is left to the search, which says so at its end
+    with pytest.raises(ranksearch.TargetUnreachableError, match="no plan met the budget") as info:
+        ranksearch.optimize(model, x, target_latency_ratio=0.58, **kwargs)
+    assert len(info.value.study.trials) >= 4
+
+
+def test_a_slow_spell_while_the_reach_is_checked_does_not_end_the_search(digits_mlp, monkeypatch) -> None:
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    spell = {"on": False}
+
+    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; every model 10x slower in the spell
+        return count_flops(m, inputs) / 1e6 * (10 if spell["on"] else 1)
+
+    check = ranksearch.search._check_latency_reachable
+
+    def in_a_slow_spell(*args, **kwargs):
+        spell["on"] = True
+        try:
+            check(*args, **kwargs)
+        finally:
+            spell["on"] = False
+
+    monkeypatch.setattr(ranksearch.search, "_check_latency_reachable", in_a_slow_spell)
+    result = ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=latency_fn, n_trials=4, seed=0,
+                                 show_progress_bar=False, sensitivity=False)
+    # the fastest plan's first timing, 10x slow, missed the target; timed beside the original, it met it
+    assert len(result.study.trials) >= 4 and result.plan.replaced
+    assert result.final.latency_ms <= 0.5 * 1.05 * result.baseline.latency_ms
 
 
 def test_the_final_checks_rounds_are_timed_with_one_attempt_each(digits_mlp, monkeypatch) -> None:
