@@ -322,6 +322,25 @@ def test_a_secant_through_two_close_measurements_does_not_tilt_past_a_factor_of_
     assert fits({"0": ("svd", 5)}) and not fits({"0": ("svd", 6)})
 
 
+def test_a_fits_miss_far_over_what_the_plan_before_it_suggests_is_timed_again(caplog) -> None:
+    # target 0.75 ms; the prediction (0.1 ms per rank) puts the boundary at rank 7, which measures 0.63
+    # ms. Scaled by that, rank 8 should take 0.72 ms; its first timing is 1.05 ms, a slow moment. Timed
+    # twice more beside the original (1.0 ms each time), it takes 0.72 and 0.73: the median meets the
+    # target, and the fit ends at rank 8, not at rank 7
+    def make(rank: float) -> dict:
+        return {"0": ("svd", int(rank))}
+
+    runner = _runner_with_timer([0.63, 1.05, 1.0, 0.72, 1.0, 0.73], target_ms=0.75)
+    runner.predictor = _RankPredictor()
+    with caplog.at_level(logging.DEBUG, logger="ranksearch.timing"):
+        assert runner.fit(make, 1, 10, integer=True) == make(8)
+    assert "surprise: 1.050 ms scaled by drift 1.000, expected about 0.720 ms; 0.720 and 0.730 ms" in caplog.text
+    # a miss within a quarter of what was expected (0.85 ms against 0.72) is not a surprise: one timing
+    runner = _runner_with_timer([0.63, 0.85], target_ms=0.75)
+    runner.predictor = _RankPredictor()
+    assert runner.fit(make, 1, 10, integer=True) == make(7)
+
+
 def test_a_measurement_near_the_target_is_repeated_and_the_median_decides() -> None:
     # the plan 1.01 ms, over the 1.0 ms target; then (original, plan): 1.0, 0.97, under it. They
     # disagree: (original, plan) once more: 1.0, 0.98. Then another plan: 0.50
