@@ -367,10 +367,7 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
     saved_flops = saved_params = 0
     for cand in searchable:
         best_flops = best_params = 0
-        for method in cand.methods:
-            rank = space.rank_for(cand.spec, method, space.cost_fraction_low)
-            if rank is None:
-                continue
+        for method, rank in space.smallest_ranks(cand):
             cost = get_method(method).cost(cand.spec, rank)
             best_flops = max(best_flops, cand.spec.flops - cost.flops)
             best_params = max(best_params, cand.spec.params - cost.params)
@@ -413,10 +410,11 @@ def _check_latency_reachable(search: TrialRunner, targets: Targets, tolerance: f
     if not choices:
         return
     plan = search.make_plan(choices, "fastest")
-    model = apply_plan(search.reference, plan).eval()
+    model = search.workbench.apply(plan)
     fastest_ms = search.measure(model).ms / search.drift()
     if fastest_ms > limit:
         fastest_ms, _ = search.verified_latency(model, rounds=3, limit_ms=limit)
+    search.workbench.apply(search.make_plan({}, "fastest"))  # the working copy back to the original
     timing_log.debug("the fastest plan of the space: %.3f ms against the %.3f ms target", fastest_ms,
                      targets.latency_ms)
     if fastest_ms <= limit:

@@ -227,6 +227,12 @@ class SearchSpace:
             return rank  # rounding up would make the layer slower than the original
         return rounded
 
+    def smallest_ranks(self, cand: LayerCandidates) -> list[tuple[str, Rank]]:
+        """Each of the layer's methods with the smallest rank this space gives it (at ``cost_fraction_low``);
+        methods with no rank that saves anything are left out."""
+        ranks = ((method, self.rank_for(cand.spec, method, self.cost_fraction_low)) for method in cand.methods)
+        return [(method, rank) for method, rank in ranks if rank is not None]
+
 
     @staticmethod
     def cost_fraction_of(spec: LayerSpec, method_name: str, rank: Rank) -> float:

@@ -132,10 +132,7 @@ class TrialRunner:
         choices: Choices = {}
         for cand in self.searchable:
             fastest_ms = original_ms
-            for method in cand.methods:
-                rank = self.space.rank_for(cand.spec, method, self.space.cost_fraction_low)
-                if rank is None:
-                    continue
+            for method, rank in self.space.smallest_ranks(cand):
                 predicted = self.predictor.predict(self.make_plan({cand.spec.name: (method, rank)}, "check"))
                 if predicted < fastest_ms:
                     fastest_ms, choices[cand.spec.name] = predicted, (method, rank)
@@ -220,18 +217,18 @@ class TrialRunner:
         under the target, gets a second look (``measured_latency``'s ``expected_ms``).
         """
         on_measurement = self.predictor is not None and bool(self.latency_check_every)
-        measured_in_fit: list[CompressionPlan] = []
+        previous: CompressionPlan | None = None  # the plan this fit measured last
 
         def measured_feasible(choices: Choices) -> bool:
+            nonlocal previous
             assert self.predictor is not None
             plan = self.make_plan(choices, "check")
             predicted = self.predictor.predict(plan)  # before the measurement recalibrates it
             expected = None
-            if measured_in_fit:
-                previous = measured_in_fit[-1]
+            if previous is not None:
                 expected = self.measured_latency(previous) * predicted / self.predictor.predict(previous)
             measured = self.measured_latency(plan, expected_ms=expected)
-            measured_in_fit.append(plan)
+            previous = plan
             fitting_log.debug("fit: measured %.3f ms (predicted %.3f ms) against the %.3f ms target",
                               measured, predicted, self.targets.latency_ms)
             return self.measured_feasible(choices)
