@@ -116,9 +116,26 @@ def _random_cores(ranks: tuple[int, ...], out_modes: tuple[int, ...], in_modes: 
     ]
 
 
+def _tt_conv_low_rank(layer: nn.Conv2d, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """Each group's kernel ``T[c, i, j, n]`` is a tensor train with uniform rank ``rank`` (capped per bond)."""
+    n, c_g, kh, kw = layer.weight.shape
+    groups = _groups(layer)
+    sizes = (c_g, kh, kw, n // groups)
+    ranks = (1, *(min(rank, math.prod(sizes[:k]), math.prod(sizes[k:])) for k in (1, 2, 3)), 1)
+    blocks = []
+    for _ in range(groups):
+        cores = [torch.randn(r0, size, r1, generator=gen) / r1**0.5 for r0, size, r1 in zip(ranks, sizes, ranks[1:])]
+        tensor = torch.einsum("ac,aib,bjd,dn->cijn", cores[0][0], *cores[1:3], cores[3][..., 0])
+        blocks.append(tensor.permute(3, 0, 1, 2))
+    return torch.cat(blocks).contiguous()
+
+
 @low_rank_weight("tt")
 def _tt_low_rank(layer: nn.Module, rank: int, gen: torch.Generator) -> torch.Tensor:
-    """A TT-matrix with uniform rank ``rank`` (capped per bond) in the layout ``tt`` chooses."""
+    """A TT-matrix with uniform rank ``rank`` (capped per bond) in the layout ``tt`` chooses; for a
+    Conv2d, a kernel whose channel and kernel modes form such a tensor train."""
+    if isinstance(layer, nn.Conv2d):
+        return _tt_conv_low_rank(layer, rank, gen)
     layout = choose_layout(layer.in_features, layer.out_features)
     cores = _random_cores(tt_ranks(layout, rank), layout.out_modes, layout.in_modes, gen)
     return _ring_weight(cores, layout.out_modes, layout.in_modes).to(layer.weight.dtype)

@@ -1,4 +1,5 @@
-"""Tensor-train (``tt``) and tensor-ring (``tr``) specifics: tensorization, chain wiring, caching.
+"""Tensor-train (``tt``) and tensor-ring (``tr``) specifics: tensorization, chain wiring, caching,
+and tt's convolution chain.
 
 The shared suite (test_methods_shared.py) covers exactness on low-rank weights, cost against
 fvcore, structure and export on the small layers; this file covers what is particular to
@@ -88,10 +89,19 @@ def test_unfactorable_sizes_are_declined_with_a_reason(
         ranksearch.decompose(layer, method, 1, name="fc")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_convolutions_are_declined(method: str) -> None:
-    reason = get_method(method).unsupported_reason(spec_from_module("conv", nn.Conv2d(16, 16, 1)))
+def test_tr_declines_convolutions() -> None:
+    reason = get_method("tr").unsupported_reason(spec_from_module("conv", nn.Conv2d(16, 16, 3)))
     assert reason is not None and "linear" in reason
+
+
+@pytest.mark.parametrize("conv,words", [
+    (nn.Conv1d(16, 16, 3), "conv1d"),
+    (nn.Conv2d(16, 16, 1), "1x1"),
+    (nn.Conv2d(16, 16, (1, 3)), "one-dimensional"),
+    (nn.Conv2d(16, 16, 3, groups=16), "depthwise"),
+])
+def test_tt_declines_the_convolutions_it_cannot_help_with_a_reason(conv: nn.Module, words: str) -> None:
+    assert words in get_method("tt").unsupported_reason(spec_from_module("conv", conv))
 
 
 # --- the chain ---------------------------------------------------------------------------------
@@ -235,3 +245,39 @@ def test_two_mode_tt_is_the_truncated_svd_of_its_rank_matrix() -> None:
         dense = replacement(torch.eye(24, dtype=torch.float32)).T  # (out, in)
         error = _relative_error(dense.double(), layer.weight.double())
     assert math.isclose(error, float(s[rank:].norm() / s.norm()), rel_tol=1e-4)
+
+
+# --- tt on Conv2d ------------------------------------------------------------------------------
+
+
+def test_tt_conv_is_the_four_conv_chain_of_its_kernels_tensor_train() -> None:
+    """The chain's four kernels contract back to the TT-SVD approximation of the kernel, in (c, i, j, n) order."""
+    layer = nn.Conv2d(16, 24, 3, padding=1)
+    spec = spec_from_module("conv", layer, (1, 16, 8, 8))
+    first, vertical, horizontal, last = ranksearch.decompose(layer, "tt", 6)
+    assert [tuple(m.weight.shape) for m in (first, vertical, horizontal, last)] == [
+        (6, 16, 1, 1), (6, 6, 3, 1), (6, 6, 1, 3), (24, 6, 1, 1)]
+    assert (vertical.padding, horizontal.padding) == ((1, 0), (0, 1))
+    contracted = torch.einsum("ac,bai,dbj,nd->ncij", first.weight[:, :, 0, 0], vertical.weight[..., 0],
+                              horizontal.weight[:, :, 0], last.weight[:, :, 0, 0])
+    with torch.no_grad():
+        error = _relative_error(contracted.double(), layer.weight.double())
+    # TT-SVD's error is at most the root sum of squares of what each bond's truncation drops
+    tensor = layer.weight.detach().double().permute(1, 2, 3, 0)
+    dropped = [torch.linalg.svdvals(tensor.reshape(rows, -1))[6:].norm() for rows in (16, 48, 144)]
+    assert 0 < error <= float(torch.stack(dropped).norm() / tensor.norm()) * (1 + 1e-6)
+    assert get_method("tt").cost(spec, 6).params == sum(p.numel() for p in (first, vertical, horizontal, last)
+                                                       for p in p.parameters())
+
+
+def test_tt_conv_top_rank_reproduces_a_resnet_conv() -> None:
+    layer = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 32, 9, 9)
+    spec = spec_from_module("conv", layer, x.shape)
+    tt = get_method("tt")
+    _low, high = tt.rank_bounds(spec)
+    assert high == min(32 * 3, 3 * 64)  # the middle bond: (c, i) against (j, n)
+    with torch.no_grad():
+        assert _relative_error(ranksearch.decompose(layer, "tt", high)(x), layer(x)) < 1e-5
+    rank = tt.rank_for_cost_fraction(spec, 0.3)
+    assert rank is not None and tt.cost(spec, rank).flops <= 0.3 * spec.flops < tt.cost(spec, rank + 1).flops

@@ -36,7 +36,7 @@ LAYERS = {
     "conv1d": (lambda: nn.Conv1d(8, 12, 3, stride=2), (2, 8, 15)),
     "embedding": (lambda: nn.Embedding(40, 16), None),
 }
-FULL_RANK_EXACT = {"svd", "channel", "spatial", "tucker2"}
+FULL_RANK_EXACT = {"svd", "channel", "spatial", "tucker2", "tt"}
 
 
 def _inputs(case: str) -> torch.Tensor:

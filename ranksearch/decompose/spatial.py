@@ -18,7 +18,8 @@ from .base import (
 )
 
 
-def _split_padding(padding: tuple[int, ...] | str) -> tuple[tuple[int, int] | str, tuple[int, int] | str]:
+def split_padding(padding: tuple[int, ...] | str) -> tuple[tuple[int, int] | str, tuple[int, int] | str]:
+    """A 2-D conv's padding split into the vertical conv's and the horizontal conv's."""
     if isinstance(padding, str):
         return padding, padding
     return (padding[0], 0), (0, padding[1])
@@ -58,7 +59,7 @@ class SpatialDecomposition(DecompositionMethod):
         r, groups = int(rank), spec.groups  # type: ignore[arg-type]
         kh, kw = spec.kernel_size
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
-        pad_first, pad_second = _split_padding(spec.padding)
+        pad_first, pad_second = split_padding(spec.padding)
         return nn.Sequential(
             make_conv(2, spec.in_features, groups * r, (kh, 1), stride=(sh, 1), padding=pad_first,
                       dilation=(dh, 1), groups=groups, padding_mode=spec.padding_mode),

@@ -1,4 +1,5 @@
-"""Tensor-train (TT-matrix) decomposition of fully connected layers (Novikov et al. 2015).
+"""Tensor-train (TT-matrix) decomposition of fully connected layers (Novikov et al. 2015), and of
+2-D convolutions' kernels (``ranksearch.decompose._tt_conv``: four plain convs).
 
 ``in_features = i_1 * ... * i_d`` and ``out_features = o_1 * ... * o_d`` are factored into
 balanced modes; the weight, as a tensor over the pairs ``(o_k, i_k)``, is decomposed by TT-SVD
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..exceptions import UnsupportedLayerError
 from ..layers import LayerSpec
+from . import _tt_conv
 from ._reshape import ChainStep, build_chain, chain_flops_per_position, chain_params
 from .base import DecompositionMethod, LayerCost, Rank, factor_cache, register, weight_as_float
 
@@ -229,11 +231,38 @@ class TensorizedChain(DecompositionMethod):
 
 @register
 class TensorTrain(TensorizedChain):
+    """Tensor train; a Conv2d's kernel goes to ``_tt_conv``, a Linear's weight to the chain."""
+
     name = "tt"
-    summary = "tensor train: Linear -> chain of small Linears over tensorized modes (Novikov 2015)"
+    kinds = ("linear", "conv2d")
+    summary = ("tensor train: Linear -> chain of small Linears over tensorized modes (Novikov 2015); "
+               "kh x kw Conv2d -> 1x1, kh x 1, 1 x kw, 1x1 convs")
+
+    def unsupported_reason(self, spec: LayerSpec) -> str | None:
+        if spec.kind == "conv2d":
+            return _tt_conv.unsupported_reason(spec)
+        return super().unsupported_reason(spec)
 
     def rank_bounds(self, spec: LayerSpec) -> tuple[int, int]:
+        if spec.kind == "conv2d":
+            return _tt_conv.rank_bounds(spec)
         return 1, max(choose_layout(spec.in_features, spec.out_features).bond_bounds())
+
+    def cost(self, spec: LayerSpec, rank: Rank) -> LayerCost:
+        if spec.kind == "conv2d":
+            return _tt_conv.cost(spec, int(rank))  # type: ignore[arg-type]
+        return super().cost(spec, rank)
+
+    def structure(self, spec: LayerSpec, rank: Rank) -> nn.Module:
+        if spec.kind == "conv2d":
+            return _tt_conv.structure(spec, int(rank))  # type: ignore[arg-type]
+        return super().structure(spec, rank)
+
+    def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
+        if spec.kind == "conv2d":
+            _tt_conv.load_weights(replacement, layer, spec, int(rank))  # type: ignore[arg-type]
+        else:
+            super().load_weights(replacement, layer, spec, rank)
 
     def _steps(self, spec: LayerSpec, rank: Rank) -> list[ChainStep]:
         layout = choose_layout(spec.in_features, spec.out_features)
@@ -241,6 +270,8 @@ class TensorTrain(TensorizedChain):
 
     def rank_matrices(self, layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
         """The unfolding at the bond with the largest bound (the one the top rank is set by)."""
+        if spec.kind == "conv2d":
+            return _tt_conv.rank_matrices(layer, spec)
         layout = choose_layout(spec.in_features, spec.out_features)
         bounds = layout.bond_bounds()
         k = bounds.index(max(bounds)) + 1
