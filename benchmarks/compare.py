@@ -14,8 +14,8 @@ the original), every method builds a compressed model:
   other plans the search verified and those on ``result.pareto`` that met the target in the
   search is taken, as a baseline's knob is retuned (up to twice for every row);
 * **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
-  ``FT_CANDIDATES`` verified plans (the best, the energy-threshold seed fitted to the budget, the
-  best of another lineage), the one that scores best on validation after the fine-tune (compared
+  ``FT_CANDIDATES`` verified plans (the best, the energy-threshold seed and the best uniform-ratio
+  seed fitted to the budget, the best of another lineage), the one that scores best on validation after the fine-tune (compared
   with the baselines after fine-tuning; its compress time includes those fine-tunes); on a miss
   here, the next best plan by validation score before fine-tuning is fine-tuned in the missed
   one's place and the best after fine-tuning taken (``FineTunedCandidates``);
@@ -91,6 +91,7 @@ from models import Task, cnn_task, minilm_task
 import ranksearch
 from ranksearch import SearchSpace
 from ranksearch.cost import count_flops, count_params, measure_latency
+from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.space import LayerCandidates
 
 RESULTS_MD = HERE / "RESULTS.md"
@@ -110,7 +111,7 @@ VERIFY_RETRIES = 2
 TARGETS = (0.7, 0.5, 0.35)
 #: ranksearch with ``finetune_fn`` (this benchmark's fine-tune) tries it on this many verified plans
 #: (optimize's default)
-FT_CANDIDATES = 3
+FT_CANDIDATES = DEFAULT_FINETUNE_CANDIDATES
 FT_METHOD = "ranksearch-ft"
 FAMILIES = ("tucker2", "spatial", "svd")
 TLTORCH_FACTORIZATIONS = ("tucker", "cp")
@@ -695,7 +696,8 @@ class Benchmark:
 
         # ranksearch: the best verified plan before fine-tuning; on a miss here, the next best plan by its
         # score of those the search verified and those on its Pareto front that met the target in the search
-        # (the verified ones are the best plan, the energy seed and the best of other lineages, not the next best)
+        # (the verified ones are the best plan, the energy and uniform seeds and the best of other lineages,
+        # not the next best)
         first = tuned[0]
         search_ms = result.baseline.latency_ms  # the search's timing of the original: its ratios use it
 
@@ -1043,7 +1045,7 @@ class Benchmark:
              "*ranksearch* (`optimize` as it is, plans scored as they come out of the decomposition) without "
              "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
              f"the best after fine-tuning of {FT_CANDIDATES} verified plans: the best one, the energy-threshold "
-             "seed fitted to the budget, the best of another lineage; the same search) after the same fine-tune "
+             "seed and the best uniform-ratio seed fitted to the budget, the best of another lineage; the same search) after the same fine-tune "
              "as every baseline. When this benchmark's timing rules a ranksearch plan out, the row takes the next "
              "best plan by validation score (ranksearch-ft: fine-tunes it in the missed plan's place and takes "
              "the best after fine-tuning); the row's note says so. "

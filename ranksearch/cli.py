@@ -174,8 +174,8 @@ def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> N
                          help="the fine-tune the compressed model will get: callable(model), training it in place; "
                               "the best --finetune-candidates plans are fine-tuned and the best after fine-tuning "
                               "is kept (the saved model is then the fine-tuned one)")
-    quality.add_argument("--finetune-candidates", metavar="N", type=_positive_int, default=3,
-                         help="how many verified plans --finetune-fn is tried on (default: 3)")
+    quality.add_argument("--finetune-candidates", metavar="N", type=_positive_int,
+                         help="how many verified plans --finetune-fn is tried on (default: optimize's, 4)")
     search = parser.add_argument_group("search")
     search.add_argument("--trials", metavar="N", type=_positive_int, default=100,
                         help="trials wanted in the study in total; a resumed or shared study runs only the "
@@ -381,7 +381,7 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
             timeout=args.timeout, search_space=space, storage=storage, study_name=args.study_name,
             device=args.device, seed=args.seed, threads=args.threads, latency_clock=args.latency_clock,
             show_progress_bar=not args.no_progress, finetune_fn=finetune_fn,
-            finetune_candidates=args.finetune_candidates,
+            **({} if args.finetune_candidates is None else {"finetune_candidates": args.finetune_candidates}),
         )
     except InvalidInputsError as exc:
         if inputs is None and calib is None:

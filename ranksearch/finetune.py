@@ -8,9 +8,10 @@ order (one at 0.22 before reached 0.96 after; one at 0.28 before, 0.76). Fine-tu
 trial would multiply the search's cost, so only the last step changes: with
 ``optimize(finetune_fn=...)`` a few plans whose latency was verified are each fine-tuned on a copy
 and scored again, and the one that scores best after fine-tuning is returned, fine-tuned. The
-candidates are the best plan, then the energy-threshold seed fitted to the budget (such plans
-recover better than their score before the fine-tune says), then the best plans of other lineages:
-a plan and the local moves made from it recover alike (``ranksearch.search._fine_tune_order``).
+candidates are the best plan, then the energy-threshold seed and the best uniform-ratio seed
+fitted to the budget (plans that compress every layer alike recover better than their score before
+the fine-tune says), then the best plans of other lineages: a plan and the local moves made from it
+recover alike (``ranksearch.search._fine_tune_order``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from .exceptions import EvaluationError, InvalidInputsError, InvalidWeightsError
 from .plan import CompressionPlan
 from .rebuild import check_finite_parameters
 
-__all__ = ["FineTuneFn", "FineTuned", "check_finetune", "fine_tuned", "pick_after_finetune"]
+__all__ = ["DEFAULT_FINETUNE_CANDIDATES", "FineTuneFn", "FineTuned", "check_finetune", "fine_tuned",
+           "pick_after_finetune"]
 
 log = logging.getLogger("ranksearch.finetune")
 
 FineTuneFn = Callable[[nn.Module], Any]
+
+#: the best plan, the energy and uniform-ratio seeds fitted to the budget, the best of another lineage
+DEFAULT_FINETUNE_CANDIDATES = 4
 
 
 @dataclass(frozen=True)

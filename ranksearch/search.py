@@ -25,8 +25,8 @@ How a search runs:
    *repair*); the next best plans are tried in turn; if none meets it, TargetUnreachableError says
    so. An answer less than 5% under the target is also cut to about 5% under it, the same ways, as
    more trials: a spare on the Pareto front for a device that times it a little slower (*headroom*).
-   With ``finetune_fn``, the plans fine-tuned are the best one, then the energy-threshold seed fitted
-   to the budget, then the best of other lineages.
+   With ``finetune_fn``, the plans fine-tuned are the best one, then the energy-threshold seed and
+   the best uniform-ratio seed fitted to the budget, then the best of other lineages.
 
 The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
 latency target is set), so its Pareto front answers other budgets too.
@@ -52,7 +52,7 @@ from .cost import LatencyPredictor, LatencyTable, count_flops, count_params, mea
 from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
-from .finetune import FineTuneFn, check_finetune, pick_after_finetune
+from .finetune import DEFAULT_FINETUNE_CANDIDATES, FineTuneFn, check_finetune, pick_after_finetune
 from .fitting import choices_key
 from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
 from .neighbours import NeighbourMoves, tightened_choices, tried_plans
@@ -65,7 +65,7 @@ from .space import LayerCandidates, SearchSpace, load_space
 from .study import best_feasible, is_feasible, open_storage, open_study, pareto_points, plan_of, quiet_optuna
 from .targets import Targets
 from .trials import EvalFn, TrialRunner
-from .warmstart import ENERGY_FIT_SEED, Seed
+from .warmstart import ENERGY_FIT_SEED, Seed, is_uniform_fit
 from .workbench import drop_unreplaceable
 
 __all__ = ["optimize", "Targets"]
@@ -138,7 +138,7 @@ def optimize(
     vbmf_weakening: float | None = None,
     sensitivity: bool | SensitivityTable = True,
     finetune_fn: FineTuneFn | None = None,
-    finetune_candidates: int = 3,
+    finetune_candidates: int = DEFAULT_FINETUNE_CANDIDATES,
 ) -> SearchResult:
     """Find the per-layer decomposition plan that meets the budget with the best quality.
 
@@ -186,11 +186,12 @@ def optimize(
         finetune_fn: ``finetune_fn(model)``, the fine-tune you will give the compressed model, training
             it in place (parameters trainable; put it in train mode yourself). When given,
             ``finetune_candidates`` plans that meet the budget on measurement (the best, then the
-            energy-threshold seed fitted to the budget, then the best of other lineages) are each
+            energy-threshold seed and the best uniform-ratio seed fitted to the budget, then the best
+            of other lineages) are each
             fine-tuned on a copy and scored again, and the best after fine-tuning is returned,
             fine-tuned: plans that score best before a fine-tune are often not the ones that recover
             best (``ranksearch.finetune``). ``result.fine_tuned`` lists every candidate's scores.
-        finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 3).
+        finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 4).
 
     Returns:
         A :class:`~ranksearch.result.SearchResult` (``model``, ``plan``, ``study``, ``baseline``, ``final``,
@@ -534,8 +535,21 @@ def _lineage(trial: optuna.trial.FrozenTrial, by_number: dict[int, optuna.trial.
 def _fine_tune_order(queue: list[optuna.trial.FrozenTrial], verified_lineages: set[int],
                      by_number: dict[int, optuna.trial.FrozenTrial]) -> None:
     """Reorder ``queue`` in place for the fine-tune candidates after the best plan: the energy
-    threshold seed fitted to the budget first, unless a verified plan descends from it; then plans
-    of a lineage no verified plan comes from; each group in its order so far (by score).
+    threshold seed fitted to the budget first, unless a verified plan descends from it; then the
+    uniform-ratio seed fitted to the budget that scores best, unless a verified plan descends from
+    one; then plans of a lineage no verified plan comes from; each group in its order so far (by score).
+
+    Why those seeds: they compress every layer alike (the same share of each layer's spectrum, the
+    same share of its cost), and such plans recover from a fine-tune better than their score
+    before it says. In the benchmark's last six full runs (at 0.7x and 0.5x latency, batch 1 and 8),
+    the baseline that scored best after the fine-tune on the CNN was always one of them: uniform
+    Tucker-2, uniform spatial or energy threshold (24 of 24). In two searches as the benchmark runs
+    them on its CNN at 0.5x latency, with every plan under the target fine-tuned, the energy seed
+    scored 0.34 and 0.40 validation accuracy before a one-epoch fine-tune, ninth and fifth of the
+    plans, and after it test accuracy 0.941 and 0.961, second and first; the best plans before it
+    reached 0.918 and 0.930. In two more such searches, the uniform Tucker-2 seed was eighth of nine
+    plans before the fine-tune at batch 1 (0.35) and first after it, on validation (0.950) and test
+    (0.969); at batch 8, seventh of eight before and fourth on test after (0.948; the best 0.957).
 
     Why other lineages: the best plans are mostly neighbours of one another (a move or two apart)
     and recover alike from a fine-tune, so fine-tuning several of them tells little. On the
@@ -543,17 +557,16 @@ def _fine_tune_order(queue: list[optuna.trial.FrozenTrial], verified_lineages: s
     seed (validation accuracy 0.978-0.989 after a fine-tune, test 0.981-0.991); the best plan of
     another lineage, fifth before, tied the best of them on validation after it (0.989) and had the
     best test accuracy (0.994).
-
-    Why the energy seed: it keeps the same share of every layer's spectrum, and such plans recover
-    from a fine-tune better than their score before it says. On the benchmark's CNN at 0.5x latency
-    (two searches, at batch 1 and 8, with every plan under the target fine-tuned), it scored 0.34
-    and 0.40 validation accuracy before a one-epoch fine-tune, ninth and fifth of the plans; after
-    it, test accuracy 0.941 and 0.961, second and first; the best plans before it reached 0.918
-    and 0.930.
     """
-    def rank(trial: optuna.trial.FrozenTrial) -> tuple[bool, bool]:
+    uniform_verified = any(is_uniform_fit(by_number[n].user_attrs.get("seed")) for n in verified_lineages
+                           if n in by_number)
+
+    def rank(trial: optuna.trial.FrozenTrial) -> tuple[bool, bool, bool]:
         new_lineage = _lineage(trial, by_number) not in verified_lineages
-        return not (new_lineage and trial.user_attrs.get("seed") == ENERGY_FIT_SEED), not new_lineage
+        seed = trial.user_attrs.get("seed")
+        energy = new_lineage and seed == ENERGY_FIT_SEED
+        uniform = new_lineage and not uniform_verified and is_uniform_fit(seed)
+        return not energy, not uniform, not new_lineage
 
     queue.sort(key=rank)
 
@@ -635,8 +648,8 @@ def _finish(
     ``_RECHECKS`` plans that missed it by the least are checked the same way before giving up. An
     answer at the target also gets a spare cut under it on the Pareto front (``_headroom_cut``). With
     ``finetune_fn``, ``finetune_candidates`` plans that pass are fine-tuned - the best one, then the
-    energy-threshold seed fitted to the budget, then the best of other lineages (``_fine_tune_order``)
-    - and the best after fine-tuning is returned (``ranksearch.finetune``).
+    energy-threshold seed and the best uniform-ratio seed fitted to the budget, then the best of other
+    lineages (``_fine_tune_order``) - and the best after fine-tuning is returned (``ranksearch.finetune``).
     """
     trials = study.trials
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]

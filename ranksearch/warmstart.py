@@ -25,7 +25,7 @@ from .fitting import Choices, Fit
 from .rank import default_method, suggest_rank
 from .space import LayerCandidates, SearchSpace
 
-__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED"]
+__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED", "is_uniform_fit"]
 
 log = logging.getLogger("ranksearch.warmstart")
 
@@ -35,6 +35,14 @@ SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
 ENERGY_FIT_RANGE = (0.15, 0.999)
 #: the origin of the seed whose energy threshold is fitted to the budget
 ENERGY_FIT_SEED = "seed:energy-fit"
+#: the origins of the seeds whose cost fraction, shared by every layer, is fitted to the budget
+_UNIFORM_FIT_SEED = "seed:uniform-{family}-fit"
+
+
+def is_uniform_fit(origin: str | None) -> bool:
+    """Whether ``origin`` names a uniform-ratio seed fitted to the budget (one per method family)."""
+    prefix, suffix = _UNIFORM_FIT_SEED.split("{family}")
+    return origin is not None and origin.startswith(prefix) and origin.endswith(suffix)
 
 
 @dataclass(frozen=True)
@@ -101,5 +109,5 @@ def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], sp
 
         fitted = fit(uniform_plan, space.cost_fraction_low, space.cost_fraction_high)
         if fitted:
-            seeds.append(Seed(f"seed:uniform-{family}-fit", fitted))
+            seeds.append(Seed(_UNIFORM_FIT_SEED.format(family=family), fitted))
     return seeds

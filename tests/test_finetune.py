@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ranksearch
+from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.report import write_report
 from ranksearch.search import _distinct_plans
 from examples.digits import accuracy, load_digits_tensors
@@ -101,11 +102,12 @@ def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> Non
     result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
                                  show_progress_bar=False, eval_fn=eval_fn, finetune_fn=finetune_fn)
     records = result.fine_tuned
-    assert records is not None and len(records) == 3
-    assert records[0].score > records[-1].score  # distinct plans, distinct scores
+    assert records is not None and len(records) == DEFAULT_FINETUNE_CANDIDATES
+    worst = min(records, key=lambda r: r.score)
+    assert worst is not records[0] and worst.score < records[0].score  # distinct plans, distinct scores
     # the worst before fine-tuning is the best after it, and it is the one returned
-    assert result.plan.metadata["trial"] == records[-1].trial
-    assert result.final.score == pytest.approx(1.0 - records[-1].score)
+    assert result.plan.metadata["trial"] == worst.trial
+    assert result.final.score == pytest.approx(1.0 - worst.score)
 
     plain = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
                                 show_progress_bar=False, eval_fn=eval_fn)
@@ -140,6 +142,20 @@ def test_the_energy_seed_fitted_to_the_budget_is_fine_tuned_after_the_best_plan(
     assert result.fine_tuned is not None and [r.trial for r in result.fine_tuned][1] == energy[0].number
 
 
+def test_the_best_uniform_seed_fitted_to_the_budget_is_fine_tuned_after_the_energy_seed(digits_mlp) -> None:
+    from ranksearch.warmstart import is_uniform_fit
+
+    model, data = digits_mlp
+    result = _search(model, data, finetune_fn=_fine_tune(data), finetune_candidates=3)
+    uniform = [t for t in result.study.trials if is_uniform_fit(t.user_attrs.get("seed")) and t.values]
+    assert uniform  # one per family (svd, tt) fitted to the FLOP budget, those that met it scored
+    best_uniform = max(uniform, key=lambda t: t.values[0])
+    assert result.fine_tuned is not None
+    trials = [r.trial for r in result.fine_tuned]
+    assert trials[2] == best_uniform.number and best_uniform.number != trials[0]
+    assert not any(is_uniform_fit(t.user_attrs.get("seed")) for t in result.study.trials if t.number in trials[:2])
+
+
 def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
     from ranksearch.search import _fine_tune_order, _lineage
 
@@ -167,6 +183,20 @@ def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
     # unless a verified plan descends from it: then it is one more plan of that lineage
     _fine_tune_order(queue, {0, 6}, by_number)
     assert [t.number for t in queue] == [4, 5, 6, 3]
+
+    # then the uniform-ratio seeds fitted to the budget, best first, until a verified plan comes from one
+    by_number[7], by_number[8] = trial(7, seed="seed:uniform-svd-fit"), trial(8, seed="seed:uniform-tt-fit")
+    queue = [by_number[n] for n in (3, 4, 8, 7, 6)]
+    _fine_tune_order(queue, {0}, by_number)
+    assert [t.number for t in queue] == [6, 8, 7, 4, 3]
+    queue = [by_number[n] for n in (4, 7, 3)]
+    _fine_tune_order(queue, {0, 6}, by_number)
+    assert [t.number for t in queue] == [7, 4, 3]
+    _fine_tune_order(queue, {0, 6, 8}, by_number)  # one uniform seed is enough: the other is one more lineage
+    assert [t.number for t in queue] == [7, 4, 3]
+    queue = [by_number[n] for n in (4, 7, 3)]
+    _fine_tune_order(queue, {0, 6, 8}, by_number)
+    assert [t.number for t in queue] == [4, 7, 3]
 
 
 def test_a_failing_fine_tune_is_reported_with_what_to_fix(digits_mlp) -> None:
