@@ -187,10 +187,10 @@ def optimize(
             it in place (parameters trainable; put it in train mode yourself). When given,
             ``finetune_candidates`` plans that meet the budget on measurement (the best, then the
             energy-threshold seed and the best uniform-ratio seed fitted to the budget, then the best
-            of other lineages) are each
-            fine-tuned on a copy and scored again, and the best after fine-tuning is returned,
-            fine-tuned: plans that score best before a fine-tune are often not the ones that recover
-            best (``ranksearch.finetune``). ``result.fine_tuned`` lists every candidate's scores.
+            of other lineages) are each fine-tuned on a copy and scored again, and the best after
+            fine-tuning is returned, fine-tuned: plans that score best before a fine-tune are often not
+            the ones that recover best (``ranksearch.finetune``). ``result.fine_tuned`` lists every
+            candidate's scores.
         finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 4).
 
     Returns:
