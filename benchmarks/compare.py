@@ -15,10 +15,10 @@ the original), every method builds a compressed model:
   search is taken, as a baseline's knob is retuned (up to twice for every row);
 * **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
   ``FT_CANDIDATES`` verified plans (the best, the energy-threshold seed and the best uniform-ratio
-  seed fitted to the budget, the best of another lineage), the one that scores best on validation after the fine-tune (compared
-  with the baselines after fine-tuning; its compress time includes those fine-tunes); on a miss
-  here, the next best plan by validation score before fine-tuning is fine-tuned in the missed
-  one's place and the best after fine-tuning taken (``FineTunedCandidates``);
+  seed fitted to the budget, the best of another lineage), the one that scores best on validation
+  after the fine-tune (compared with the baselines after fine-tuning; its compress time includes
+  those fine-tunes); on a miss here, the next best plan by validation score before fine-tuning is
+  fine-tuned in the missed one's place and the best after fine-tuning taken (``FineTunedCandidates``);
 * **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
   bisected until the measured latency just meets the target;
 * **vbmf** - the VBMF plan (Kim et al. 2016), as it comes: no knob, the same plan at every target;
@@ -1045,10 +1045,11 @@ class Benchmark:
              "*ranksearch* (`optimize` as it is, plans scored as they come out of the decomposition) without "
              "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
              f"the best after fine-tuning of {FT_CANDIDATES} verified plans: the best one, the energy-threshold "
-             "seed and the best uniform-ratio seed fitted to the budget, the best of another lineage; the same search) after the same fine-tune "
-             "as every baseline. When this benchmark's timing rules a ranksearch plan out, the row takes the next "
-             "best plan by validation score (ranksearch-ft: fine-tunes it in the missed plan's place and takes "
-             "the best after fine-tuning); the row's note says so. "
+             "seed and the best uniform-ratio seed fitted to the budget, the best of another lineage; the same "
+             "search) after the same fine-tune as every baseline. When this benchmark's timing rules a "
+             "ranksearch plan out, the row takes the next best plan by validation score (ranksearch-ft: "
+             "fine-tunes it in the missed plan's place and takes the best after fine-tuning); the row's note "
+             "says so. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
              "own noise; accuracy only). *misses*: ranksearch's model does not meet the target here. "
              "*no plan*: the search returned none (`TargetUnreachableError`) or failed while a baseline met the "

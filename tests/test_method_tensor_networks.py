@@ -266,8 +266,8 @@ def test_tt_conv_is_the_four_conv_chain_of_its_kernels_tensor_train() -> None:
     tensor = layer.weight.detach().double().permute(1, 2, 3, 0)
     dropped = [torch.linalg.svdvals(tensor.reshape(rows, -1))[6:].norm() for rows in (16, 48, 144)]
     assert 0 < error <= float(torch.stack(dropped).norm() / tensor.norm()) * (1 + 1e-6)
-    assert get_method("tt").cost(spec, 6).params == sum(p.numel() for p in (first, vertical, horizontal, last)
-                                                       for p in p.parameters())
+    convs = (first, vertical, horizontal, last)
+    assert get_method("tt").cost(spec, 6).params == sum(p.numel() for conv in convs for p in conv.parameters())
 
 
 def test_tt_conv_top_rank_reproduces_a_resnet_conv() -> None:

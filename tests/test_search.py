@@ -813,6 +813,34 @@ def test_the_least_loss_cut_lowers_the_ranks_the_sensitivity_table_says_cost_lea
     assert least_loss_cut(runner, table, plan, within(16)) is None  # nothing to cut
 
 
+def test_the_least_loss_cut_compresses_a_layer_the_plan_keeps_when_that_costs_least() -> None:
+    from types import SimpleNamespace
+
+    from ranksearch.sensitivity import SensitivityTable, least_loss_cut
+
+    # "a" and "b" at rank 2, the space's smallest (2 ms each); "c" kept (16 ms dense), which the table
+    # scored at ranks 8 and 4 (8 and 4 ms) with little loss
+    losses = {"a": (("svd", 8, 0.0), ("svd", 2, 0.3)), "b": (("svd", 8, 0.0), ("svd", 2, 0.5)),
+              "c": (("svd", 8, 0.01), ("svd", 4, 0.02))}
+    runner = SimpleNamespace(
+        searchable=[SimpleNamespace(spec=SimpleNamespace(name=n), methods=("svd",)) for n in losses],
+        workbench=SimpleNamespace(specs={n: None for n in losses}),
+        predictor=SimpleNamespace(table=SimpleNamespace(
+            layer_ms=lambda name, method, rank: 16.0 if rank is None else float(rank))),
+        space=SimpleNamespace(cost_fraction_low=2 / 16, cost_fraction_of=lambda spec, method, rank: rank / 16,
+                              rank_for=lambda spec, method, fraction: max(2, round(fraction * 16))),
+    )
+    table = SensitivityTable(losses, fingerprint="x", evaluations=6, seconds=0.0)
+    plan = {"a": ("svd", 2), "b": ("svd", 2)}
+
+    def within(ms: float):
+        return lambda choices: sum(rank for _, rank in choices.values()) + (16 if "c" not in choices else 0) <= ms
+
+    assert least_loss_cut(runner, table, plan, within(14)) == {"a": ("svd", 2), "b": ("svd", 2), "c": ("svd", 8)}
+    assert least_loss_cut(runner, table, plan, within(8)) == {"a": ("svd", 2), "b": ("svd", 2), "c": ("svd", 4)}
+    assert least_loss_cut(runner, table, plan, within(7)) is None  # "c" at its cheapest scored rank is not enough
+
+
 def test_a_near_miss_is_also_cut_where_the_sensitivity_table_says(digits_mlp, monkeypatch) -> None:
     model, data = digits_mlp
     x = data.x_test[:16]

@@ -53,7 +53,7 @@ def _ranks(spec: LayerSpec, rank: int) -> tuple[int, int, int]:
 def unsupported_reason(spec: LayerSpec) -> str | None:
     reason = decline_reason("tt", spec, None)  # depthwise and 1x1 convs, as tucker2, cp and btd
     if reason is None and min(spec.kernel_size) == 1:
-        return "the kernel is one-dimensional; spatial or tucker2 factorize it with fewer convs than tt"
+        return "the kernel is one-dimensional; tucker2 or channel factorize it with fewer convs than tt"
     return reason
 
 
