@@ -96,10 +96,10 @@ def structure(spec: LayerSpec, rank: int) -> nn.Module:
     )
 
 
-def _kernel_tensor(layer: nn.Module, spec: LayerSpec, group: int) -> torch.Tensor:
-    """One group's kernel as ``T[c, i, j, n]`` (float64)."""
+def _kernel_tensors(layer: nn.Module, spec: LayerSpec) -> torch.Tensor:
+    """Each group's kernel as ``T[c, i, j, n]`` (float64): a ``(groups, C/G, kh, kw, N/G)`` tensor."""
     c_g, kh, kw, n_g = _mode_sizes(spec)
-    return kernel_by_group(layer, spec)[group].reshape(n_g, c_g, kh, kw).permute(1, 2, 3, 0)
+    return kernel_by_group(layer, spec).reshape(spec.groups, n_g, c_g, kh, kw).permute(0, 2, 3, 4, 1)
 
 
 def cores(layer: nn.Module, spec: LayerSpec, rank: int, group: int) -> list[torch.Tensor]:
@@ -111,7 +111,7 @@ def cores(layer: nn.Module, spec: LayerSpec, rank: int, group: int) -> list[torc
 
     def compute() -> list[torch.Tensor]:
         with tensorly_torch():
-            tt = tensor_train(_kernel_tensor(layer, spec, group).contiguous(), rank=[1, *ranks, 1])
+            tt = tensor_train(_kernel_tensors(layer, spec)[group].contiguous(), rank=[1, *ranks, 1])
         return [torch.as_tensor(core) for core in tt.factors]
 
     return factor_cache.get(layer.weight, ("tt-conv", group, ranks), compute)
@@ -119,12 +119,12 @@ def cores(layer: nn.Module, spec: LayerSpec, rank: int, group: int) -> list[torc
 
 def load_weights(replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: int) -> None:
     first, vertical, horizontal, last = replacement  # type: ignore[misc]
-    per_group = [cores(layer, spec, rank, g) for g in range(spec.groups)]
+    g1s, g2s, g3s, g4s = zip(*(cores(layer, spec, rank, g) for g in range(spec.groups)))
     # weight[out, in, h, w] of each conv from the cores: G[a, mode, b] maps channel a to channel b
-    first.weight.copy_(torch.cat([g1[0].T for g1, *_ in per_group])[:, :, None, None])
-    vertical.weight.copy_(torch.cat([g2.permute(2, 0, 1) for _, g2, _, _ in per_group])[..., None])
-    horizontal.weight.copy_(torch.cat([g3.permute(2, 0, 1) for *_, g3, _ in per_group])[:, :, None, :])
-    last.weight.copy_(torch.cat([g4[..., 0].T for *_, g4 in per_group])[:, :, None, None])
+    first.weight.copy_(torch.cat([g1[0].T for g1 in g1s])[:, :, None, None])
+    vertical.weight.copy_(torch.cat([g2.permute(2, 0, 1) for g2 in g2s])[..., None])
+    horizontal.weight.copy_(torch.cat([g3.permute(2, 0, 1) for g3 in g3s])[:, :, None, :])
+    last.weight.copy_(torch.cat([g4[..., 0].T for g4 in g4s])[:, :, None, None])
     copy_bias(last, layer)
 
 
@@ -133,5 +133,4 @@ def rank_matrices(layer: nn.Module, spec: LayerSpec) -> list[torch.Tensor]:
     bounds = _bond_bounds(spec)
     k = bounds.index(max(bounds)) + 1
     sizes = _mode_sizes(spec)
-    rows, columns = math.prod(sizes[:k]), math.prod(sizes[k:])
-    return [torch.stack([_kernel_tensor(layer, spec, g).reshape(rows, columns) for g in range(spec.groups)])]
+    return [_kernel_tensors(layer, spec).reshape(spec.groups, math.prod(sizes[:k]), math.prod(sizes[k:]))]
