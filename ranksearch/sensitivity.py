@@ -44,6 +44,7 @@ from .warmstart import Seed, seed_method
 
 if TYPE_CHECKING:
     from .trials import TrialRunner
+    from .space import LayerCandidates
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
            "lagrangian_choices", "sensitivity_seeds", "least_loss_cut"]
@@ -156,15 +157,15 @@ def _break_ties(measured: dict[str, dict[tuple[str, Rank], tuple[float, float]]]
 def layer_options(runner: TrialRunner, table: SensitivityTable) -> dict[str, list[Option]]:
     """Each layer's options (keep, and every scored method and rank the space still allows) with
     their loss from ``table`` and their cost under this search's budget."""
-    options: dict[str, list[Option]] = {}
-    for cand in runner.searchable:
-        name = cand.spec.name
-        here = [Option(KEEP, None, 0.0, _layer_cost(runner, name, KEEP, None))]
-        for method, rank, loss in table.losses.get(name, ()):
-            if method in cand.methods:
-                here.append(Option(method, rank, loss, _layer_cost(runner, name, method, rank)))
-        options[name] = here
-    return options
+    return {cand.spec.name: _options_of(runner, table, cand) for cand in runner.searchable}
+
+
+def _options_of(runner: TrialRunner, table: SensitivityTable, cand: LayerCandidates) -> list[Option]:
+    """One layer's options: keep first, then every method and rank ``table`` scored that the space allows."""
+    name = cand.spec.name
+    return [Option(KEEP, None, 0.0, _layer_cost(runner, name, KEEP, None)),
+            *(Option(method, rank, loss, _layer_cost(runner, name, method, rank))
+              for method, rank, loss in table.losses.get(name, ()) if method in cand.methods)]
 
 
 def _choices(picks: dict[str, Option]) -> Choices:
@@ -248,11 +249,9 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     for name, cand in by_name.items():
         if name in choices:
             continue
-        now[name] = Option(KEEP, None, 0.0, _layer_cost(runner, name, KEEP, None))
-        options = sorted((Option(m, r, loss, _layer_cost(runner, name, m, r))
-                          for m, r, loss in table.losses.get(name, ()) if m in cand.methods), key=lambda o: -o.cost)
+        now[name], *scored_options = _options_of(runner, table, cand)
         ladder = []
-        for candidate in options:  # dearest first, each step cheaper than the one before
+        for candidate in sorted(scored_options, key=lambda o: -o.cost):  # dearest first, each step cheaper
             if candidate.cost < (ladder[-1] if ladder else now[name]).cost:
                 ladder.append(candidate)
         ladders[name] = ladder
