@@ -106,6 +106,17 @@ def test_one_wild_check_cannot_swing_the_calibration_far() -> None:
     assert predictor.predict(_plan(l1=8)) > 5.0
 
 
+def test_a_revised_measurement_replaces_the_doubtful_one() -> None:
+    predictor = LatencyPredictor(FakeTable(), 10.0)  # type: ignore[arg-type]
+    predictor.record(_plan(l0=8), 14.0)  # a slow moment: the table says 9.2
+    pulled = predictor.scale
+    predictor.revise(_plan(l0=8), 9.2)  # the median of three timings agrees with the table
+    assert len(predictor.checks) == 1 and predictor.checks[0].measured == 9.2
+    assert predictor.scale == pytest.approx(1.0, abs=1e-3) and pulled < 0.9
+    predictor.revise(_plan(l1=4), 8.8)  # a plan it has no measurement of: recorded
+    assert len(predictor.checks) == 2
+
+
 def test_calibrate_false_keeps_the_table_alone() -> None:
     predictor = LatencyPredictor(FakeTable(), 10.0, calibrate=False)  # type: ignore[arg-type]
     for _ in range(5):

@@ -68,6 +68,29 @@ def test_measurement_can_find_a_plan_the_prediction_rules_out() -> None:
     assert choices is not None and choices["layer"][1] <= 0.2
 
 
+def test_a_miss_of_the_cheap_end_gets_a_second_look_before_the_fit_gives_no_plan() -> None:
+    looks: list = []
+
+    def second_look(choices: dict) -> bool:  # timed again, the cheapest plan meets the budget after all
+        looks.append(choices["layer"][1])
+        return choices["layer"][1] <= 0.05
+
+    # one slow timing: every plan measured once misses, and the prediction saw nothing feasible either
+    choices = fit_to_budget(_plan, 0.05, 1.0, predicted_feasible=_threshold(-1.0), measured_feasible=_threshold(-1.0),
+                            second_look=second_look, measured_steps=4)
+    assert choices == _plan(0.05) and looks == [0.05]  # only the cheap end is looked at again
+    # the bisection's last resort, the cheap end measured after dearer plans missed, is looked at too
+    looks.clear()
+    choices = fit_to_budget(_plan, 0.05, 1.0, predicted_feasible=_threshold(0.5), measured_feasible=_threshold(-1.0),
+                            second_look=second_look, measured_steps=2)
+    assert choices == _plan(0.05) and looks == [0.05]
+    # a real miss stays a miss; without a second look the fit gives up on the one timing
+    assert fit_to_budget(_plan, 0.05, 1.0, predicted_feasible=_threshold(-1.0), measured_feasible=_threshold(-1.0),
+                         second_look=lambda choices: False) is None
+    assert fit_to_budget(_plan, 0.05, 1.0, predicted_feasible=_threshold(-1.0),
+                         measured_feasible=_threshold(-1.0)) is None
+
+
 def test_analytic_budget_uses_one_round() -> None:
     choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.42), measured_feasible=None)
     assert choices is not None and 0.42 - 1e-3 < choices["layer"][1] <= 0.42

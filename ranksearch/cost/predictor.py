@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -138,6 +138,19 @@ class LatencyPredictor:
         self.checks.append(_Check(features, self._corrected(features), measured_ms))
         if self.calibrate:
             self._refit()
+
+    def revise(self, plan: CompressionPlan, measured_ms: float) -> None:
+        """Replace the measurement recorded last for ``plan`` (e.g. a median of several timings after
+        a doubtful one) and recalibrate; record it if ``plan`` has none."""
+        measured_ms = _positive(measured_ms, "measured_ms (a measured latency, in ms)")
+        features = self._features(plan)
+        for index in range(len(self.checks) - 1, -1, -1):
+            if self.checks[index].features == features:
+                self.checks[index] = replace(self.checks[index], measured=measured_ms)
+                if self.calibrate:
+                    self._refit()
+                return
+        self.record(plan, measured_ms)
 
     @property
     def correction(self) -> dict[str, float]:
