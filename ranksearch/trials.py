@@ -91,8 +91,8 @@ class TrialRunner:
         self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
         self._measured: dict[str, float] = {}  # plan key -> measured latency, ms
         self._second_looks: set[str] = set()  # plan keys timed again by second_look
-        self._reference_ms = [baseline.latency_ms]  # the original's timings, for drift()
-        self._reference_at = [time.monotonic()]  # when each was taken, for drift() and timing_noise()
+        # the original's timings (when, ms), for drift() and timing_noise()
+        self._original_timings: list[tuple[float, float]] = [(time.monotonic(), baseline.latency_ms)]
 
     # -- plans ----------------------------------------------------------------------------------
 
@@ -265,7 +265,9 @@ class TrialRunner:
         the original, and the median of the three counts. (A fit of the energy threshold on the
         benchmark's CNN at batch 1, 0.7x: threshold 0.684, expected at 0.68 of the original, measured
         1.05, and the fit ended at threshold 0.627, measured at 0.60; threshold 0.689 measured 0.66
-        and 0.68 in two other runs.)
+        and 0.68 in two other runs.) A fit expects what the plan it measured before took, scaled by
+        their predictions; a trial expects the predictor's prediction, calibrated by every
+        measurement so far (its recent error sets :meth:`prune_margin`, typically 10%).
         """
         key = choices_key({c.name: (c.method, c.rank) for c in plan.replaced})
         if key not in self._measured:
@@ -329,7 +331,7 @@ class TrialRunner:
         final check.) The original's timing counts for :meth:`drift` too.
         """
         self.retime_original()
-        return self.measure(model).ms / self._reference_ms[-1] * self.baseline.latency_ms
+        return self.measure(model).ms / self._original_timings[-1][1] * self.baseline.latency_ms
 
     def drift(self) -> float:
         """How much slower the machine runs the original now than when the search started.
@@ -340,9 +342,9 @@ class TrialRunner:
         three timings over the first.
         """
         now = time.monotonic()
-        if now - self._reference_at[-1] > _DRIFT_INTERVAL_S:
+        if now - self._original_timings[-1][0] > _DRIFT_INTERVAL_S:
             self.retime_original()
-        return statistics.median(self._reference_ms[-3:]) / self.baseline.latency_ms
+        return statistics.median(ms for _, ms in self._original_timings[-3:]) / self.baseline.latency_ms
 
     def timing_noise(self) -> float:
         """How far apart timings of one model fall now: the range of the original's timings over the
@@ -356,17 +358,17 @@ class TrialRunner:
         with the estimate at 1.06 got no second timing and was 4% over it in the final check.)
         """
         now = time.monotonic()
-        recent = [ms for ms, at in zip(self._reference_ms, self._reference_at) if now - at <= _NOISE_WINDOW_S]
+        recent = [ms for at, ms in self._original_timings if now - at <= _NOISE_WINDOW_S]
         if len(recent) < 3:
-            recent = self._reference_ms[-3:]
+            recent = [ms for _, ms in self._original_timings[-3:]]
         return (max(recent) - min(recent)) / statistics.median(recent) if len(recent) > 1 else 0.0
 
     def retime_original(self, times: int = 1) -> None:
         """Time the original again (for :meth:`drift`). Two fresh timings outvote the first one, which
         may have been taken in a slow moment: every plan measured afterwards is scaled by them."""
         for _ in range(times):
-            self._reference_ms.append(self.measure(self.reference).ms)
-            self._reference_at.append(time.monotonic())
+            ms = self.measure(self.reference).ms
+            self._original_timings.append((time.monotonic(), ms))
 
     def verified_latency(self, model: nn.Module, rounds: int = 5, limit_ms: float | None = None) -> tuple[float, float]:
         """The final check of a model's latency: ``(ms, spread)``, timed alternately with the original.
@@ -504,7 +506,7 @@ class TrialRunner:
         self.rebuilt += 1
         latency = predicted
         if measure_now:
-            latency = self.measured_latency(plan, model)
+            latency = self.measured_latency(plan, model, expected_ms=predicted)
             trial.set_user_attr("measured_latency_ms", latency)
             trial.set_user_attr("time_measure_s", time.perf_counter() - t1)
             violations = self.targets.violations(latency_ms=latency, flops=flops, params=params)
