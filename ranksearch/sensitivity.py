@@ -195,7 +195,7 @@ def lagrangian_choices(options: dict[str, list[Option]], fit: Fit) -> Choices | 
     repeated blocks, many - and stops on whichever side of the budget they land, leaving slack:
     on the benchmark's MiniLM at batch 1, 0.35x, three searches' plans measured 0.338-0.350 of the
     original and kept one, two or three of the sensitive last-block layers, scoring 0.32-0.49.
-    Here the knob is the number of hull segments taken, cheapest loss per cost saved first, so
+    Here the knob is the number of hull segments taken, least loss per cost saved first, so
     consecutive plans differ in one layer and the fit stops where the budget does.
     """
     start, path = _lagrangian_path(options)
