@@ -56,6 +56,16 @@ def test_measured_round_corrects_a_wrong_prediction_in_few_measurements() -> Non
     assert 1.0 not in measured  # the dear end is not measured when the prediction rules it out
 
 
+def test_by_default_a_far_off_prediction_is_corrected_to_within_a_few_percent() -> None:
+    # predicted 0.9, measured 0.3; halving the bracket: 0.45 misses, 0.225 meets, 0.3375 misses,
+    # and the next two measurements (0.281 meets, 0.309 misses) take the plan from 0.225 to 0.281
+    measured: list = []
+    choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.9),
+                            measured_feasible=_threshold(0.3, measured))
+    assert choices is not None and 0.28 <= choices["layer"][1] <= 0.3
+    assert len(measured) <= 6
+
+
 def test_optimistic_prediction_is_corrected_downwards() -> None:
     choices = fit_to_budget(_plan, 0.0, 1.0, predicted_feasible=_threshold(0.7),
                             measured_feasible=_threshold(0.3), measured_steps=8)
