@@ -12,8 +12,7 @@ the original), every method builds a compressed model:
   search verified before fine-tuning (what ``optimize`` returns without ``finetune_fn``); when the
   interleaved check misses, that plan is ruled out and the next best by validation score of the
   other plans the search verified and those on ``result.pareto`` that met the target in the
-  search is taken - the first whose ratio in the search leaves room for how much slower the plans
-  ruled out ran here - as a baseline's knob is retuned (up to twice for every row);
+  search is taken, as a baseline's knob is retuned (up to twice for every row);
 * **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
   ``FT_CANDIDATES`` verified plans (the best, the energy-threshold seed and the best uniform-ratio
   seed fitted to the budget, the best of another lineage), the one that scores best on validation
@@ -290,20 +289,6 @@ class Row:
 Candidate = tuple[Any, Any, "float | None"]
 
 
-def leaves_room(entry: Candidate, slower: float, target: float) -> bool:
-    """Whether ``entry``'s latency ratio in the search, times ``slower`` (how much slower than in the
-    search the plans ruled out ran in this benchmark's timing), is within ``target``; a plan whose
-    ratio is unknown may be. After such a miss a user takes the best plan that leaves that room,
-    as a baseline's knob is retuned on the careful timing: at MiniLM batch 1, 0.35x, the three plans
-    tried in score order ran 7-9% slower here than in the search, and the row missed the target."""
-    return entry[2] is None or entry[2] * slower <= target
-
-
-def first_with_room(entries: Sequence[Candidate], slower: float, target: float) -> Candidate | None:
-    """The first of ``entries`` that ``leaves_room``, else the first."""
-    return next((e for e in entries if leaves_room(e, slower, target)), entries[0] if entries else None)
-
-
 class FineTunedCandidates:
     """ranksearch-ft's answer, and what replaces it when this benchmark's timing rules it out.
 
@@ -319,27 +304,23 @@ class FineTunedCandidates:
     """
 
     def __init__(self, tuned: Sequence[tuple[float, Candidate]], untuned: Sequence[Candidate],
-                 fine_tune: Callable[[Candidate], float], target: float) -> None:
+                 fine_tune: Callable[[Candidate], float]) -> None:
         self.scores = {entry[0]: (score, entry) for score, entry in tuned}  # trial -> score after FT, entry
         self.untuned = untuned  # after_miss skips those fine-tuned already
         self.fine_tune = fine_tune
-        self.target = target
 
-    def best(self, missed: Collection[Any] = (), slower: float = 1.0) -> Candidate | None:
-        """The best after fine-tuning of the candidates not ``missed`` that leave room for ``slower``
-        (``leaves_room``; of all left, when none does); ties go to the earlier trial."""
+    def best(self, missed: Collection[Any] = ()) -> Candidate | None:
+        """The best after fine-tuning of the candidates not ``missed``; ties go to the earlier trial."""
         left = [(score, entry) for trial, (score, entry) in self.scores.items() if trial not in missed]
-        left = [item for item in left if leaves_room(item[1], slower, self.target)] or left
         return max(left, key=lambda item: (item[0], -item[1][0]))[1] if left else None
 
-    def after_miss(self, missed: set[Any], slower: float = 1.0) -> Candidate | None:
+    def after_miss(self, missed: set[Any]) -> Candidate | None:
         """The answer once the plans in ``missed`` are ruled out: one more plan fine-tuned in their
-        place (the next that leaves room for ``slower``, if any is left), then the best after fine-tuning."""
-        refill = first_with_room([e for e in self.untuned if e[0] not in missed and e[0] not in self.scores],
-                                 slower, self.target)
+        place (if any is left), then the best after fine-tuning."""
+        refill = next((entry for entry in self.untuned if entry[0] not in missed and entry[0] not in self.scores), None)
         if refill is not None:
             self.scores[refill[0]] = (self.fine_tune(refill), refill)
-        return self.best(missed, slower)
+        return self.best(missed)
 
 
 @dataclass
@@ -734,7 +715,7 @@ class Benchmark:
         plan, compressed, chosen = self.verified_plan(
             setting, row, (first.trial, first.plan, ranksearch.apply_plan(model, first.plan).eval(),
                            ratio(first.latency_ms)),
-            lambda missed, slower: first_with_room([f for f in fallbacks if f[0] not in missed], slower, target))
+            lambda missed: next((f for f in fallbacks if f[0] not in missed), None))
         self.score_plan(task, row, plan, compressed, quality_memo, after_ft.get(chosen))
         methods = sorted({c.method for c in plan.replaced})
         # cut plans run after the trials: repairs of a plan that missed the final check, headroom spares
@@ -752,7 +733,7 @@ class Benchmark:
 
         picked = result.plan.metadata["trial"]
         candidates = FineTunedCandidates([(r.score_after, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned],
-                                         fallbacks, fine_tune_refill, target)
+                                         fallbacks, fine_tune_refill)
         ft_plan, _, ft_chosen = self.verified_plan(
             setting, ft_row, (picked, result.plan, result.model, ratio(result.final.latency_ms)),
             candidates.after_miss)
@@ -787,21 +768,19 @@ class Benchmark:
         return memo[key]
 
     def verified_plan(self, setting: Setting, row: Row, first: tuple[Any, Any, nn.Module, float | None],
-                      after_miss: Callable[[set[Any], float], Candidate | None]) -> tuple[Any, nn.Module, Any]:
+                      after_miss: Callable[[set[Any]], Candidate | None]) -> tuple[Any, nn.Module, Any]:
         """A ranksearch answer ``(trial, plan, model, latency ratio in the search)``, checked like a
         baseline's: by the interleaved measurement.
 
         When that measurement misses the target although the search's own said it met it, the plan
-        is ruled out and ``after_miss(trials ruled out, slower)`` (a ``Candidate`` measured within
-        the target in the search, or ``None``; ``slower``: the median over the plans ruled out of
-        their ratio here over their ratio in the search) is taken instead - up to ``VERIFY_RETRIES``
-        times. This is how a baseline's knob is retuned (the careful measurement replaces the tuning
-        one for that knob value only; the others keep theirs), and what a user does with
-        ``result.pareto`` when a later measurement disagrees.
+        is ruled out and ``after_miss(trials ruled out)`` (a ``Candidate`` measured within the target
+        in the search, or ``None``) is taken instead - up to ``VERIFY_RETRIES`` times. This is how a
+        baseline's knob is retuned (the careful measurement replaces the tuning one for that knob
+        value only; the others keep theirs), and what a user does with ``result.pareto`` when a
+        later measurement disagrees.
         """
         chosen, plan, compressed, searched_ratio = first
         missed: set[Any] = set()
-        slower: list[float] = []  # each missed plan's ratio here over its ratio in the search
         for attempt in range(1 + VERIFY_RETRIES):
             # one timing per plan (Setting.timed): the ranksearch and ranksearch-ft rows often return
             # the same plan, and two timings of it could give it two verdicts
@@ -810,9 +789,7 @@ class Benchmark:
             if row.meets or attempt == VERIFY_RETRIES or row.latency is None:
                 break
             missed.add(chosen)
-            if searched_ratio:
-                slower.append(row.latency.ratio / searched_ratio)
-            replacement = after_miss(missed, statistics.median(slower) if slower else 1.0)
+            replacement = after_miss(missed)
             if replacement is None:
                 row.note = _join(row.note, f"measured {row.latency.ratio:.2f}; no other plan met the target in the search")
                 break
@@ -1070,8 +1047,7 @@ class Benchmark:
              f"the best after fine-tuning of {FT_CANDIDATES} verified plans: the best one, the energy-threshold "
              "seed and the best uniform-ratio seed fitted to the budget, the best of another lineage; the same "
              "search) after the same fine-tune as every baseline. When this benchmark's timing rules a "
-             "ranksearch plan out, the row takes the next best plan by validation score whose latency ratio in "
-             "the search leaves room for how much slower the ruled-out plans ran here (ranksearch-ft: "
+             "ranksearch plan out, the row takes the next best plan by validation score (ranksearch-ft: "
              "fine-tunes it in the missed plan's place and takes the best after fine-tuning); the row's note "
              "says so. "
              "*tie*: behind by less than two binomial standard errors of the test accuracy (the test set's "
