@@ -290,7 +290,7 @@ class TrialRunner:
                                  ms, target)
             elif (target is not None and expected_ms is not None and ms > target
                   and target >= expected_ms and ms > expected_ms * (1 + _SURPRISE)):
-                timings = [ms, self._beside_original(model), self._beside_original(model)]
+                timings = self._with_two_more(ms, model)
                 ms = statistics.median(timings)
                 timing_log.debug("surprise: %.3f ms scaled by drift %.3f, expected about %.3f ms; %s ms beside the "
                                  "original; %.3f ms against the %.3f ms target", timings[0], drift, expected_ms,
@@ -311,7 +311,7 @@ class TrialRunner:
         first = self.measured_latency(plan)
         if key not in self._second_looks:
             model = self.workbench.apply(plan)
-            timings = [first, self._beside_original(model), self._beside_original(model)]
+            timings = self._with_two_more(first, model)
             self._measured[key] = statistics.median(timings)
             self._second_looks.add(key)
             timing_log.debug("second look: %.3f ms; %s ms beside the original; %.3f ms", first,
@@ -319,6 +319,11 @@ class TrialRunner:
             if self.predictor is not None:
                 self.predictor.revise(plan, self._measured[key])
         return self._measured[key]
+
+    def _with_two_more(self, first_ms: float, model: nn.Module) -> list[float]:
+        """``first_ms`` and two more timings of ``model``, each beside the original: the three a doubtful
+        timing is decided on by their median (a surprise, a second look)."""
+        return [first_ms, self._beside_original(model), self._beside_original(model)]
 
     def _beside_original(self, model: nn.Module) -> float:
         """The model timed right after the original, as a latency at the search's start: its ratio to
