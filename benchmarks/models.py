@@ -42,6 +42,7 @@ __all__ = [
     "ResNetCNN",
     "SentenceEmbedder",
     "Task",
+    "TestScores",
     "cnn_task",
     "load_sentences",
     "minilm_task",
@@ -49,6 +50,20 @@ __all__ = [
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
+
+
+@dataclass(frozen=True)
+class TestScores:
+    """A model's scores on the test split: ``metrics`` (the first is the headline one, the mean of
+    ``per_item``) and the headline metric of each test item (right or wrong; cosine to the original),
+    so that two models scored on the same items can be compared item by item."""
+
+    metrics: dict[str, float]
+    per_item: torch.Tensor
+
+    @property
+    def headline(self) -> float:
+        return next(iter(self.metrics.values()))
 
 
 @dataclass
@@ -61,8 +76,7 @@ class Task:
         model: the trained original, in eval mode, never modified by the benchmark.
         inputs: example inputs per latency batch label (``"batch 1"``, ``"batch 32"``...).
         val_score: ``model -> float`` on the validation split (what searches and baselines tune on).
-        test_scores: ``model -> {metric: value}`` on the test split (what the tables report); the
-            first metric is the headline one.
+        test_scores: ``model -> TestScores`` on the test split (what the tables report).
         fine_tune: ``model -> None``, the same short fine-tune for every compressed model, in place.
         space: the shipped search space used for this model.
         notes: lines for the report (data sizes, training time...).
@@ -73,15 +87,13 @@ class Task:
     model: nn.Module
     inputs: dict[str, tuple[torch.Tensor, ...]]
     val_score: Callable[[nn.Module], float]
-    test_scores: Callable[[nn.Module], dict[str, float]]
+    test_scores: Callable[[nn.Module], TestScores]
     fine_tune: Callable[[nn.Module], None]
     space: str
     notes: list[str] = field(default_factory=list)
     #: a cheaper validation score for analyses that score hundreds of models (AIMET's per-layer
     #: analysis scores on a few eval iterations); ``None``: ``val_score``
     analysis_score: Callable[[nn.Module], float] | None = None
-    #: when the headline test metric is a proportion (accuracy): over how many test items
-    headline_n: int | None = None
 
 
 # --- the CNN -----------------------------------------------------------------------------------
@@ -170,6 +182,16 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     model.eval()
 
 
+@torch.no_grad()
+def _accuracy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> TestScores:
+    """Top-1 accuracy on ``x``, ``y``, and whether each item is right."""
+    was_training = model.training
+    model.eval()
+    right = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(y), batch_size)])
+    model.train(was_training)
+    return TestScores({"test acc": float(right.float().mean())}, right.float())
+
+
 def _trainable(model: nn.Module) -> None:
     """Searches freeze their reference copies; a fine-tune needs every parameter trainable again."""
     for p in model.parameters():
@@ -211,11 +233,10 @@ def cnn_task(*, epochs: int = 12, fine_tune_epochs: int = 1, server_batch: int =
         inputs={"batch 1": (splits.x_val[:1].clone(),),
                 f"batch {server_batch}": (splits.x_val[:server_batch].clone(),)},
         val_score=lambda m: accuracy(m, splits.x_val, splits.y_val),
-        test_scores=lambda m: {"test acc": accuracy(m, splits.x_test, splits.y_test)},
+        test_scores=lambda m: _accuracy_scores(m, splits.x_test, splits.y_test),
         fine_tune=fine_tune,
         space="convnet",
         notes=notes,
-        headline_n=len(splits.y_test),
     )
 
 
@@ -307,9 +328,10 @@ def minilm_task(*, sentences: list[str] | None = None, server_batch: int = 8, la
     def analysis_score(m: nn.Module) -> float:
         return float((_encode_all(m, val_b[:1]) * ref_val[:len(val_b[0][0])]).sum(1).mean())
 
-    def test_scores(m: nn.Module) -> dict[str, float]:
+    def test_scores(m: nn.Module) -> TestScores:
         emb = _encode_all(m, test_b)
-        return {"cosine": float((emb * ref_test).sum(1).mean()), "NN agree": nn_agreement(ref_test, emb)}
+        cosines = (emb * ref_test).sum(1)
+        return TestScores({"cosine": float(cosines.mean()), "NN agree": nn_agreement(ref_test, emb)}, cosines)
 
     def fine_tune(compressed: nn.Module) -> None:
         """Distil: pull the compressed embeddings of the distillation sentences to the original's."""

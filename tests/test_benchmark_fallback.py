@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
     warnings.simplefilter("ignore", DeprecationWarning)
     import compare
-    from compare import FineTunedCandidates
+    from compare import Fallbacks, FineTunedCandidates
 
 
 def _entry(trial: int) -> tuple[int, str, float]:
@@ -36,7 +36,7 @@ def test_a_missed_candidate_is_replaced_by_the_next_plan_fine_tuned_in_its_place
 
     # the search fine-tuned trials 3 (best after it, 0.75) and 5 (0.70, another lineage)
     candidates = FineTunedCandidates([(0.70, _entry(5)), (0.75, _entry(3))],
-                                     [_entry(5), _entry(7), _entry(9)], fine_tune)
+                                     Fallbacks([_entry(5), _entry(7), _entry(9)], {}), fine_tune)
     assert candidates.best() == _entry(3)
     # trial 3 misses here: trial 7, the next plan before fine-tuning (5 is tuned already), is
     # fine-tuned in its place and, better after it than trial 5, taken
@@ -51,10 +51,38 @@ def test_with_nothing_left_to_fine_tune_the_best_remaining_candidate_is_taken() 
     def fine_tune(entry):
         raise AssertionError("nothing to fine-tune")
 
-    candidates = FineTunedCandidates([(0.70, _entry(5)), (0.70, _entry(3))], [_entry(3), _entry(5)], fine_tune)
+    candidates = FineTunedCandidates([(0.70, _entry(5)), (0.70, _entry(3))], Fallbacks([_entry(3), _entry(5)], {}),
+                                     fine_tune)
     assert candidates.best() == _entry(3)  # a tie goes to the earlier trial
     assert candidates.after_miss({3}) == _entry(5)
     assert candidates.after_miss({3, 5}) is None
+
+
+def test_a_missed_plan_s_headroom_spare_is_taken_before_the_next_plan_by_score() -> None:
+    # trial 3 is the answer; the search cut it to about 5% under its final check as trial 12
+    fallbacks = Fallbacks([_entry(5), _entry(7), _entry(12)], {3: 12})
+    assert fallbacks.next({3}) == _entry(12)
+    # the spare missed too: the plans by score
+    assert fallbacks.next({3, 12}) == _entry(5)
+    # a plan without a spare falls back by score
+    assert fallbacks.next({5}) == _entry(7)
+    # nothing but plans ruled out or skipped: none
+    assert fallbacks.next({5, 7}, skip={12}) is None
+
+
+def test_ranksearch_ft_fine_tunes_the_missed_answer_s_spare_in_its_place() -> None:
+    tuned_here: list[int] = []
+    after_tuning = {7: 0.80, 12: 0.72}
+
+    def fine_tune(entry):
+        tuned_here.append(entry[0])
+        return after_tuning[entry[0]]
+
+    candidates = FineTunedCandidates([(0.75, _entry(3)), (0.70, _entry(5))],
+                                     Fallbacks([_entry(7), _entry(12)], {3: 12}), fine_tune)
+    # trial 3 misses here: its spare (12), not the next plan by score (7), is fine-tuned in its place
+    assert candidates.after_miss({3}) == _entry(12)
+    assert tuned_here == [12]
 
 
 def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(monkeypatch) -> None:
@@ -82,8 +110,14 @@ def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(
     assert len(timed) == 2 and other.latency != first.latency
 
 
+def _scores(per_item: list[float]) -> compare.TestScores:
+    items = torch.tensor(per_item)
+    return compare.TestScores({"acc": float(items.mean())}, items)
+
+
 def _row(target: float, method: str, ratio: float | None, test: float = 0.5, **fields) -> compare.Row:
-    quality = compare.Quality(test, {"acc": test}, {"acc": test}) if ratio is not None else None
+    scores = _scores([test] * 4)
+    quality = compare.Quality(test, scores, scores) if ratio is not None else None
     latency = compare.Latency(ratio, ratio, ratio, 1.0) if ratio is not None else None
     return compare.Row("cnn", "batch 1", target, method, latency=latency, quality=quality, **fields)
 
@@ -105,3 +139,32 @@ def test_a_target_no_method_meets_is_unreachable_not_a_loss() -> None:
     assert unreachable["ranksearch"] == unreachable["ranksearch-ft"] == "unreachable"
     assert lost["ranksearch"] == lost["ranksearch-ft"] == "no plan"
     assert "no plan: fastest found 0.40 | none meets it (fastest: uniform-tucker2 0.39)" in lines[2]
+
+
+def test_a_deficit_within_the_paired_noise_of_the_test_items_is_a_tie() -> None:
+    generator = torch.Generator().manual_seed(0)
+    theirs = torch.rand(300, generator=generator) * 0.4 + 0.6  # cosine to the original, per test sentence
+    # behind by 0.0003 on average, item by item as far apart as two models are
+    ours_noisy = theirs + torch.randn(300, generator=generator) * 0.05
+    ours_noisy += float(theirs.mean() - ours_noisy.mean()) - 0.0003
+    verdict = compare._verdict(True, compare.TestScores({"cosine": float(ours_noisy.mean())}, ours_noisy),
+                               compare.TestScores({"cosine": float(theirs.mean())}, theirs))
+    assert verdict.startswith("tie")
+    # behind by 0.01 on every item alike: the test items agree it is worse
+    ours_worse = theirs - 0.01
+    verdict = compare._verdict(True, compare.TestScores({"cosine": float(ours_worse.mean())}, ours_worse),
+                               compare.TestScores({"cosine": float(theirs.mean())}, theirs))
+    assert verdict == "**no** (-0.0100)"
+
+
+def test_for_accuracy_only_the_items_the_two_models_disagree_on_count() -> None:
+    # 500 items; the baseline gets 10 more right. Disagreeing on just those 10: no. Disagreeing on
+    # 60 more, half each way: the 10 are within the noise of which model gets which item right
+    right = [1.0] * 400 + [0.0] * 100
+    ours_few = [1.0] * 390 + [0.0] * 110
+    assert compare._verdict(True, _scores(ours_few), _scores(right)) == "**no** (-0.0200)"
+    ours_many = [1.0] * 360 + [0.0] * 40 + [1.0] * 30 + [0.0] * 70
+    assert compare._verdict(True, _scores(ours_many), _scores(right)).startswith("tie")
+    # at least as good, or missing the target
+    assert compare._verdict(True, _scores(right), _scores(ours_few)) == "yes"
+    assert compare._verdict(False, _scores(right), _scores(ours_few)) == "**no** (misses)"
