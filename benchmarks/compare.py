@@ -10,15 +10,16 @@ the original), every method builds a compressed model:
   validation split (``eval_fn``); the per-layer sensitivity table is measured by a model's first
   search and reused by the others (its time counted in each row); the row is the best plan the
   search verified before fine-tuning (what ``optimize`` returns without ``finetune_fn``); when the
-  interleaved check misses, that plan is ruled out and the next best by validation score of the
-  other plans the search verified and those on ``result.pareto`` that met the target in the
-  search is taken, as a baseline's knob is retuned (up to twice for every row);
+  interleaved check misses, that plan is ruled out and its headroom spare on ``result.pareto``
+  is taken if the search made one, else the next best by validation score of the other plans the
+  search verified and those on ``result.pareto`` that met the target in the search
+  (``Fallbacks``), as a baseline's knob is retuned (up to twice for every row);
 * **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
   ``FT_CANDIDATES`` verified plans (the best, the energy-threshold seed and the best uniform-ratio
   seed fitted to the budget, the best of another lineage), the one that scores best on validation
   after the fine-tune (compared with the baselines after fine-tuning; its compress time includes
-  those fine-tunes); on a miss here, the next best plan by validation score before fine-tuning is
-  fine-tuned in the missed one's place and the best after fine-tuning taken (``FineTunedCandidates``);
+  those fine-tunes); on a miss here, the next plan of ``Fallbacks`` is fine-tuned in the missed
+  one's place and the best after fine-tuning taken (``FineTunedCandidates``);
 * **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
   bisected until the measured latency just meets the target;
 * **vbmf** - the VBMF plan (Kim et al. 2016), as it comes: no knob, the same plan at every target;
