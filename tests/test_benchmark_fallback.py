@@ -88,7 +88,7 @@ def test_ranksearch_ft_fine_tunes_the_missed_answer_s_spare_in_its_place() -> No
 def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(monkeypatch) -> None:
     timed: list[nn.Module] = []
 
-    def interleaved(original, compressed, inputs, *, rounds, min_run_time):
+    def interleaved(original, compressed, inputs, *, rounds, min_run_time, **retiming):
         timed.append(compressed)
         return compare.Latency(0.5 + 0.01 * len(timed), 0.45, 0.55, 1.0)
 
@@ -108,6 +108,33 @@ def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(
     other = compare.Row("m", "batch 1", 0.5, "energy")
     bench.figures(setting, model, other, "energy:plan")
     assert len(timed) == 2 and other.latency != first.latency
+
+
+def test_a_final_timing_whose_rounds_spread_widely_gets_more_rounds(monkeypatch) -> None:
+    # (original, compressed) per round: a noisy first five, then calm ones at a ratio of 0.70
+    noisy = [(1.0, 0.44), (1.0, 0.53), (1.0, 0.75), (1.0, 0.50), (1.0, 0.52)]
+    calm = [(1.0, 0.70), (1.0, 0.71), (1.0, 0.69), (1.0, 0.70), (1.0, 0.72)] * 2
+    timings = iter(ms for pair in noisy + calm for ms in pair)
+    calls: list[float] = []
+
+    def cpu_latency_ms(model, inputs, min_run_time):
+        calls.append(min_run_time)
+        return next(timings)
+
+    monkeypatch.setattr(compare, "cpu_latency_ms", cpu_latency_ms)
+    model = nn.Linear(2, 2)
+    once = compare.interleaved(model, model, (), rounds=5, min_run_time=0.1)
+    assert once.ratio == 0.52 and len(calls) == 10  # without max_spread: the noisy rounds decide
+    timings = iter(ms for pair in noisy + calm for ms in pair)
+    calls.clear()
+    latency = compare.interleaved(model, model, (), rounds=5, min_run_time=0.1, max_spread=0.25, more=2)
+    # 0.44-0.75 is a spread of 60%: five more rounds; over all ten the spread is still wide, so five
+    # more again; the ratio is the median of all fifteen
+    assert len(calls) == 30 and latency.ratio == 0.70 and (latency.low, latency.high) == (0.44, 0.75)
+    timings = iter(ms for pair in calm for ms in pair)
+    calls.clear()
+    assert compare.interleaved(model, model, (), rounds=5, min_run_time=0.1, max_spread=0.25, more=2).ratio == 0.70
+    assert len(calls) == 10  # calm rounds: timed once
 
 
 def _scores(per_item: list[float]) -> compare.TestScores:
