@@ -317,15 +317,15 @@ class Fallbacks:
     0.37-0.38 here, and the row missed the target; the answer's spare was never tried.)
     """
 
-    def __init__(self, by_score: Sequence[Candidate], spare_of: Mapping[Any, Any]) -> None:
+    def __init__(self, by_score: Sequence[Candidate], spare_for: Mapping[Any, Any]) -> None:
         self.by_score = list(by_score)
-        self.spare_of = dict(spare_of)  # trial -> the trial of its headroom spare
+        self.spare_for = dict(spare_for)  # a headroom spare's trial -> the trial it was cut from
 
     def next(self, missed: Collection[Any], skip: Collection[Any] = ()) -> Candidate | None:
         """The plan to take once the plans in ``missed`` are ruled out (never one of ``skip``)."""
         left = [entry for entry in self.by_score if entry[0] not in missed and entry[0] not in skip]
-        spares = {self.spare_of[trial] for trial in missed if trial in self.spare_of}
-        return next((entry for entry in left if entry[0] in spares), next(iter(left), None))
+        spares = [entry for entry in left if entry[0] in self.spare_for and self.spare_for[entry[0]] in missed]
+        return (spares or left or [None])[0]
 
 
 class FineTunedCandidates:
@@ -748,9 +748,8 @@ class Benchmark:
         by_score = sorted([(r.score, -r.trial, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned[1:]]
                           + [(p.score, -p.trial, (p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)))
                              for p in on_front], reverse=True)
-        spare_of = {t.user_attrs["neighbour_of"]: t.number for t in result.study.trials
-                    if t.user_attrs.get("move") == "headroom"}
-        fallbacks = Fallbacks([entry for *_, entry in by_score], spare_of)
+        fallbacks = Fallbacks([entry for *_, entry in by_score],
+                              {p.trial: p.spare_for for p in result.pareto if p.spare_for is not None})
         plan, compressed, chosen = self.verified_plan(
             setting, row, (first.trial, first.plan, ranksearch.apply_plan(model, first.plan).eval(),
                            ratio(first.latency_ms)),

@@ -43,6 +43,8 @@ class ParetoPoint:
     # the final check's latency (alternately with the original), for the plans the search checked at the
     # end: one over the target stays on the front (its trial met the target) but was not returned
     checked_latency_ms: float | None = None
+    # for a headroom spare: the trial whose plan it cut to about 5% under that plan's final check
+    spare_for: int | None = None
 
 
 @dataclass
@@ -57,8 +59,8 @@ class SearchResult:
         final: figures of ``model``; its latency was measured again at the end.
         pareto: feasible plans on the quality / latency front, best quality first; those the final
             check timed carry its latency (``checked_latency_ms``). When the answer sits less than 5%
-            under the latency target, the front also holds it cut to about 5% under that (its trial
-            has ``user_attrs["move"] == "headroom"``), for a device that times the answer slower.
+            under the latency target, the front also holds it cut to about 5% under that (``spare_for``
+            is the answer's trial; see :meth:`headroom_spares`), for a device that times the answer slower.
         targets: the budgets, as absolute numbers.
         prediction_error: how far predicted model latency was from full-model measurements.
         message: a sentence on what happened (e.g. the original already met the target).
@@ -80,6 +82,13 @@ class SearchResult:
     message: str = ""
     sensitivity: Any = None
     fine_tuned: list[FineTuned] | None = None
+
+    def headroom_spares(self) -> list[ParetoPoint]:
+        """The returned plan cut to about 5% under its final check, best quality first: what to take
+        when your own timing finds the answer a few percent over the target. Empty when the answer
+        had that much room already or no cut fitted, and with ``finetune_fn`` when the plan returned
+        is not the best before fine-tuning (the spares are cut from that one: ``spare_for``)."""
+        return [p for p in self.pareto if p.spare_for is not None and p.spare_for == self.plan.metadata.get("trial")]
 
     def summary(self) -> str:
         """A before / after table, in Markdown."""

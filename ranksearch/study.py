@@ -102,5 +102,6 @@ def pareto_points(study: optuna.Study, fingerprint: dict[str, Any]) -> list[Pare
             measured_latency_ms=trial.user_attrs.get("measured_latency_ms"),
             flops=int(trial.user_attrs["flops"]), params=int(trial.user_attrs["params"]),
             checked_latency_ms=checks.get(str(trial.number)),
+            spare_for=trial.user_attrs.get("neighbour_of") if trial.user_attrs.get("move") == "headroom" else None,
         ))
     return sorted(points, key=lambda p: -p.score)

@@ -719,6 +719,10 @@ def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(d
     # about 5% under the target (the cut aims at 0.99 / 1.05 of it), and worse than the answer
     assert on_front and all(0.85 * target <= p.measured_latency_ms <= 0.97 * target for p in on_front)
     assert all(p.score <= result.final.score for p in on_front)
+    # the front says which plan each spare was cut from, and the result hands the answer's spares over
+    assert all(p.spare_for == result.plan.metadata["trial"] for p in on_front)
+    assert [p.trial for p in result.headroom_spares()] == [p.trial for p in result.pareto if p in on_front]
+    assert all(p.spare_for is None for p in result.pareto if p not in on_front)
 
     monkeypatch.setattr(ranksearch.search, "_HEADROOM", 0.0)  # no spare: the same answer, and no extra trial
     plain = ranksearch.optimize(model, x, **kwargs)
