@@ -34,8 +34,9 @@ measured latency of the structure with random weights (latency does not depend o
 the final model is built with real weights, timed interleaved with the original in this process
 (original, compressed, original, ... ratio of the medians, spread = range of the per-round
 ratios; more rounds when they spread widely), scored on a test split no search or knob ever saw,
-fine-tuned the same short way as every other row, and scored again. All timings: one thread, thread CPU time (steady on a shared
-machine; see benchmarks/bench_cost_models.py), through ``ranksearch.cost.measure_latency``.
+fine-tuned the same short way as every other row, and scored again. All timings: one thread,
+thread CPU time (steady on a shared machine; see benchmarks/bench_cost_models.py), through
+``ranksearch.cost.measure_latency``.
 
 Writes benchmarks/RESULTS.md and benchmarks/results/quality_vs_latency.png and prints the tables; a
 full run of the standard configuration also appends its verdicts to benchmarks/results/verdicts.jsonl
