@@ -34,7 +34,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples/ is not a package that gets installed
 
-from examples.digits import Digits, accuracy, load_digits_tensors
+from examples.digits import Digits, accuracy, correct, load_digits_tensors
 
 __all__ = [
     "CACHE_DIR",
@@ -182,14 +182,10 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     model.eval()
 
 
-@torch.no_grad()
-def _accuracy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> TestScores:
+def _accuracy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> TestScores:
     """Top-1 accuracy on ``x``, ``y``, and whether each item is right."""
-    was_training = model.training
-    model.eval()
-    right = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(y), batch_size)])
-    model.train(was_training)
-    return TestScores({"test acc": float(right.float().mean())}, right.float())
+    right = correct(model, x, y)
+    return TestScores({"test acc": int(right.sum()) / len(y)}, right.float())
 
 
 def _trainable(model: nn.Module) -> None:

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-__all__ = ["Digits", "load_digits_tensors", "DigitsCNN", "train", "accuracy"]
+__all__ = ["Digits", "load_digits_tensors", "DigitsCNN", "train", "accuracy", "correct"]
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,15 @@ def train(model: nn.Module, data: Digits, *, epochs: int = 10, lr: float = 3e-3,
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``x``, ``y``."""
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Whether ``model`` (in eval mode) gets each item of ``x`` right (its top-1 class is ``y``'s)."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
+    right = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(y), batch_size)])
     model.train(was_training)
-    return correct / len(y)
+    return right
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on ``x``, ``y``."""
+    return int(correct(model, x, y, batch_size).sum()) / len(y)
