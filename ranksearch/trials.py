@@ -234,6 +234,9 @@ class TrialRunner:
                               measured, predicted, self.targets.latency_ms)
             return self.measured_feasible(choices)
 
+        def measured_slack(choices: Choices) -> float:
+            return -max(self.violations(choices, measured=True).values())
+
         def fits_on_second_look(choices: Choices) -> bool:
             self.second_look(self.make_plan(choices, "check"))
             return self.measured_feasible(choices)
@@ -241,7 +244,8 @@ class TrialRunner:
         return fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible,
                              measured_feasible=measured_feasible if on_measurement else None,
                              rescaled=self.calibrated_fits if on_measurement else None,
-                             second_look=fits_on_second_look if on_measurement else None, integer=integer)
+                             second_look=fits_on_second_look if on_measurement else None,
+                             measured_slack=measured_slack if on_measurement else None, integer=integer)
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None, *,
                          expected_ms: float | None = None) -> float:

@@ -169,3 +169,41 @@ def test_the_debug_log_names_each_measured_knob_value_and_the_answer(caplog) -> 
     probes = [line for line in lines if "by measurement" in line]
     assert len(probes) == 3 and "misses" in probes[0]  # 0.7 measured first, over the real 0.3
     assert choices is not None and lines[-1] == f"fit: knob {choices['layer'][1]:.4g}"
+
+
+def _stepped(knob: float) -> dict:
+    # a knob whose plans change in steps of 0.1 (as ranks rounded to a multiple change with a threshold)
+    return {"layer": ("svd", round(knob * 10) / 10)}
+
+
+@pytest.mark.parametrize("budget_ends_at, kept", [(0.61, 0.6), (0.58, 0.5)])
+def test_a_plan_measured_well_under_the_budget_gets_the_next_dearer_plan_measured(budget_ends_at, kept) -> None:
+    calls: list = []
+
+    def measured_feasible(choices: dict) -> bool:
+        calls.append(choices["layer"][1])
+        return choices["layer"][1] <= budget_ends_at
+
+    def slack(choices: dict) -> float:  # relative, as TrialRunner.fit's measured_slack
+        return (budget_ends_at - choices["layer"][1]) / budget_ends_at
+
+    def rescaled(anchors: list):  # the prediction's step to 0.6 is too dear: it says stop at 0.5
+        return lambda choices: choices["layer"][1] <= 0.5
+
+    common = dict(predicted_feasible=_threshold(0.5), measured_feasible=measured_feasible, rescaled=rescaled,
+                  measured_steps=6)
+    assert fit_to_budget(_stepped, 0.0, 1.0, **common)["layer"][1] == 0.5  # without: one measurement, stop
+    assert calls == [0.5]
+    calls.clear()
+    # 0.5 is 14-18% under the budget: the next dearer plan (0.6) is measured, and kept if it meets it
+    choices = fit_to_budget(_stepped, 0.0, 1.0, measured_slack=slack, **common)
+    assert choices is not None and choices["layer"][1] == kept
+    assert calls == [0.5, 0.6]
+
+
+def test_a_plan_measured_just_under_the_budget_is_kept_without_measuring_the_next() -> None:
+    calls: list = []
+    choices = fit_to_budget(_stepped, 0.0, 1.0, predicted_feasible=_threshold(0.5),
+                            measured_feasible=_threshold(0.51, calls), rescaled=lambda anchors: _threshold(0.5),
+                            measured_slack=lambda choices: (0.51 - choices["layer"][1]) / 0.51)  # 2% under
+    assert choices is not None and choices["layer"][1] == 0.5 and calls == [0.5]
