@@ -25,7 +25,7 @@ from .fitting import Choices, Fit
 from .rank import default_method, suggest_rank
 from .space import LayerCandidates, SearchSpace
 
-__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED", "is_uniform_fit"]
+__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED", "FASTEST_SEED", "is_uniform_fit"]
 
 log = logging.getLogger("ranksearch.warmstart")
 
@@ -35,6 +35,9 @@ SEED_ENERGY_TAUS = (0.80, 0.90, 0.95, 0.99)
 ENERGY_FIT_RANGE = (0.15, 0.999)
 #: the origin of the seed whose energy threshold is fitted to the budget
 ENERGY_FIT_SEED = "seed:energy-fit"
+#: the origin of the seed that is the fastest plan of the space, queued when the latency target is at
+#: the space's floor (see ``ranksearch.search._check_latency_reachable``)
+FASTEST_SEED = "seed:fastest"
 #: the origins of the seeds whose cost fraction, shared by every layer, is fitted to the budget
 _UNIFORM_FIT_SEED = "seed:uniform-{family}-fit"
 

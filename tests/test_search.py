@@ -619,6 +619,29 @@ def test_a_latency_target_out_of_the_spaces_reach_fails_before_the_trials(digits
     assert len(info.value.study.trials) >= 4
 
 
+def test_a_target_at_the_spaces_floor_gets_the_fastest_plan_as_its_first_seed(digits_mlp) -> None:
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    latency_fn = _overhead_latency_fn(model, x, overhead=0.6)
+    kwargs = dict(latency_fn=latency_fn, n_trials=4, seed=0, show_progress_bar=False, sensitivity=False)
+    with pytest.raises(ranksearch.TargetUnreachableError) as info:  # the fastest plan, measured
+        ranksearch.optimize(model, x, target_latency_ratio=0.4, **kwargs)
+    fastest = {c.name: (c.method, c.rank) for c in info.value.best_plan.replaced}
+    floor = info.value.best_latency_ms / latency_fn(model, x)
+
+    # the fastest plan measures 2% over the target, within latency_tolerance (5%)
+    result = ranksearch.optimize(model, x, target_latency_ratio=floor / 1.02, **kwargs)
+    first = result.study.trials[0]
+    assert first.user_attrs["seed"] == "seed:fastest"
+    assert {name: (m, tuple(r) if isinstance(r, list) else r)
+            for name, (m, r) in first.user_attrs["seed_choices"].items()} == fastest
+    assert first.user_attrs["measured_latency_ms"] == pytest.approx(info.value.best_latency_ms, rel=1e-6)
+
+    # a target the fastest plan meets leaves the seeds as they were
+    result = ranksearch.optimize(model, x, target_latency_ratio=floor * 1.05, **kwargs)
+    assert all(t.user_attrs.get("seed") != "seed:fastest" for t in result.study.trials)
+
+
 def test_a_slow_spell_while_the_reach_is_checked_does_not_end_the_search(digits_mlp, monkeypatch) -> None:
     import ranksearch.search
 
@@ -634,7 +657,7 @@ def test_a_slow_spell_while_the_reach_is_checked_does_not_end_the_search(digits_
     def in_a_slow_spell(*args, **kwargs):
         spell["on"] = True
         try:
-            check(*args, **kwargs)
+            return check(*args, **kwargs)
         finally:
             spell["on"] = False
 
