@@ -642,6 +642,31 @@ def test_a_target_at_the_spaces_floor_gets_the_fastest_plan_as_its_first_seed(di
     assert all(t.user_attrs.get("seed") != "seed:fastest" for t in result.study.trials)
 
 
+def test_the_fastest_plans_timing_teaches_the_predictor_the_spaces_cheap_end(digits_mlp, monkeypatch) -> None:
+    from ranksearch.cost import LatencyPredictor
+    from ranksearch.rebuild import apply_plan
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    latency_fn = _overhead_latency_fn(model, x, overhead=0.3)
+    recorded: list = []
+    record = LatencyPredictor.record
+
+    def spy(self, plan, measured_ms: float) -> None:
+        recorded.append((plan, measured_ms))
+        record(self, plan, measured_ms)
+
+    monkeypatch.setattr(LatencyPredictor, "record", spy)
+    ranksearch.optimize(model, x, target_latency_ratio=0.8, latency_fn=latency_fn, n_trials=2, seed=0,
+                        show_progress_bar=False, sensitivity=False)
+    origins = [{c.origin for c in plan.replaced} for plan, _ in recorded]
+    at = origins.index({"fastest"})
+    # right after the calibration plans (cost fractions 0.3 and 0.6), before the seeds are fitted
+    assert at == 2 and origins[:at] == [{"calibration"}] * 2
+    plan, measured_ms = recorded[at]
+    assert measured_ms == pytest.approx(latency_fn(apply_plan(model, plan), x), rel=1e-6)
+
+
 def test_a_slow_spell_while_the_reach_is_checked_does_not_end_the_search(digits_mlp, monkeypatch) -> None:
     import ranksearch.search
 
