@@ -971,7 +971,7 @@ def test_the_least_loss_cut_lowers_the_ranks_the_sensitivity_table_says_cost_lea
     assert least_loss_cut(runner, table, plan, within(16)) is None  # nothing to cut
 
 
-def test_the_least_loss_cut_compresses_a_layer_the_plan_keeps_when_that_costs_least() -> None:
+def test_the_least_loss_cut_compresses_a_layer_the_plan_keeps_when_nothing_else_is_left() -> None:
     from types import SimpleNamespace
 
     from ranksearch.sensitivity import SensitivityTable, least_loss_cut
@@ -997,6 +997,10 @@ def test_the_least_loss_cut_compresses_a_layer_the_plan_keeps_when_that_costs_le
     assert least_loss_cut(runner, table, plan, within(14)) == {"a": ("svd", 2), "b": ("svd", 2), "c": ("svd", 8)}
     assert least_loss_cut(runner, table, plan, within(8)) == {"a": ("svd", 2), "b": ("svd", 2), "c": ("svd", 4)}
     assert least_loss_cut(runner, table, plan, within(7)) is None  # "c" at its cheapest scored rank is not enough
+    # with ranks left to cut in "a" and "b", those go first, though the table scores "c" at rank 8 as
+    # nearly free: alone, from the original; beside the plan's other layers it may cost far more
+    plan = {"a": ("svd", 8), "b": ("svd", 8)}
+    assert least_loss_cut(runner, table, plan, within(30)) == {"a": ("svd", 6), "b": ("svd", 8)}
 
 
 def test_a_near_miss_is_also_cut_where_the_sensitivity_table_says(digits_mlp, monkeypatch) -> None:
