@@ -407,8 +407,8 @@ def _check_latency_reachable(search: TrialRunner, targets: Targets, tolerance: f
     reach: the target is at the space's floor, where the fitted seeds' cheapest plans (one threshold
     or one family for every layer) miss it, and the trials would not find the floor themselves. (The
     benchmark's CNN at 0.35x, 24 searches in 16 runs: the fastest plan a search measured in its
-    trials was 3-15% slower than this one, once 1.15 of the target against 1.00.) The final rechecks accept a plan
-    within ``latency_tolerance``.
+    trials was 3-15% slower than this one, once 1.15 of the target against 1.00.) The final
+    rechecks accept a plan within ``latency_tolerance``. The timing also calibrates the predictor.
 
     One timing decides when the plan is within reach; one over it is confirmed alternately with the
     original, as a final check, so that a slow spell now does not end the search. The prediction
