@@ -309,9 +309,8 @@ def optimize(
         floor = _check_latency_reachable(search, targets, latency_tolerance, study)
         table = sensitivity if isinstance(sensitivity, SensitivityTable) else (
             measure_sensitivity(search) if sensitivity else None)
-        seeds = search.seeds(weakening=vbmf_weakening, sensitivity=table)
-        if floor is not None and all(choices_key(s.choices) != choices_key(floor.choices) for s in seeds):
-            seeds.insert(0, floor)  # at the space's floor, the plan most likely to meet the target
+        # at the space's floor, its fastest plan is the one most likely to meet the target
+        seeds = search.seeds(weakening=vbmf_weakening, sensitivity=table, first=[floor] if floor else [])
         for seed_plan in seeds[:n_trials]:
             search.enqueue(study, seed_plan, seed=seed_plan.origin)
 

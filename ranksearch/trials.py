@@ -423,9 +423,10 @@ class TrialRunner:
         errors = sorted(abs(c.predicted - c.measured) / c.measured for c in recent)
         return min(0.4, max(0.1, 2 * errors[len(errors) // 2]))
 
-    def seeds(self, *, weakening: float | None, sensitivity: SensitivityTable | None) -> list[Seed]:
-        """Heuristic seeds, budget-fitted ones, then (with a sensitivity table) sensitivity-allocated ones,
-        without duplicates."""
+    def seeds(self, *, weakening: float | None, sensitivity: SensitivityTable | None,
+              first: Sequence[Seed] = ()) -> list[Seed]:
+        """``first``, then the heuristic seeds, budget-fitted ones and (with a sensitivity table)
+        sensitivity-allocated ones, without duplicates."""
         from .sensitivity import sensitivity_seeds  # imports this module's TrialRunner for typing
 
         started = time.perf_counter()
@@ -442,7 +443,7 @@ class TrialRunner:
         # one-shot answer), plans fitted to the budget, then the fixed energy thresholds
         vbmf = [s for s in heuristic if s.origin.startswith("seed:vbmf")]
         energy = [s for s in heuristic if not s.origin.startswith("seed:vbmf")]
-        found = vbmf + allocated + fitted + energy
+        found = [*first, *vbmf, *allocated, *fitted, *energy]
         unique: dict[str, Seed] = {}
         for seed in found:
             unique.setdefault(choices_key(seed.choices), seed)
