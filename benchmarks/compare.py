@@ -31,12 +31,16 @@ the original), every method builds a compressed model:
 
 Every method touches the same layers (the search space's candidates). Knobs are tuned on
 measured latency of the structure with random weights (latency does not depend on the values);
-the final model is built with real weights, timed interleaved with the original in this process
-(original, compressed, original, ... ratio of the medians, spread = range of the per-round
-ratios; more rounds when they spread widely), scored on a test split no search or knob ever saw,
+the final model is built with real weights, timed interleaved with the original (original,
+compressed, original, ... ratio of the medians, spread = range of the per-round ratios; more rounds
+when they spread widely), scored on a test split no search or knob ever saw,
 fine-tuned the same short way as every other row, and scored again. All timings: one thread,
 thread CPU time (steady on a shared machine; see benchmarks/bench_cost_models.py), through
-``ranksearch.cost.measure_latency``.
+``ranksearch.cost.measure_latency``, all in one fresh process that does nothing else
+(``ranksearch.cost.TimingProcess``; the searches' too, ``optimize(timing_process=...)``): this
+process's heap, fragmented by the searches and knob tunings, slows models with more layers (a
+plan timed at 0.68 of the original in a fresh process timed 0.72-0.74 here after a search);
+``--time-here`` times here instead.
 
 Writes benchmarks/RESULTS.md and benchmarks/results/quality_vs_latency.png and prints the tables; a
 full run of the standard configuration also appends its verdicts to benchmarks/results/verdicts.jsonl
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import importlib
 import json
@@ -92,7 +97,7 @@ from models import Task, TestScores, cnn_task, minilm_task
 
 import ranksearch
 from ranksearch import SearchSpace
-from ranksearch.cost import count_flops, count_params, measure_latency
+from ranksearch.cost import TimingProcess, count_flops, count_params, measure_latency
 from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.space import LayerCandidates
 
@@ -140,11 +145,13 @@ _START = time.perf_counter()
 # --- timing ------------------------------------------------------------------------------------
 
 
-def cpu_latency_ms(model: nn.Module, example_inputs: Any, min_run_time: float = 0.1) -> float:
+def cpu_latency_ms(model: nn.Module, example_inputs: Any, min_run_time: float = 0.1,
+                   timing: TimingProcess | None = None) -> float:
     """One thread, thread CPU time: the clock every timing in this benchmark uses (the search times
-    with the same clock and thread count: ``optimize(threads=1, latency_clock="cpu")``)."""
+    with the same clock and thread count: ``optimize(threads=1, latency_clock="cpu")``), in the
+    ``timing`` process (``None``: here)."""
     return measure_latency(model, example_inputs, threads=1, clock="cpu", min_run_time=min_run_time,
-                           max_attempts=1).ms
+                           max_attempts=1, timing_process=timing).ms
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,8 @@ class Latency:
 
 
 def interleaved(original: nn.Module, compressed: nn.Module, inputs: tuple[torch.Tensor, ...], *, rounds: int,
-                min_run_time: float, max_spread: float | None = None, more: int = 0) -> Latency:
+                min_run_time: float, max_spread: float | None = None, more: int = 0,
+                timing: TimingProcess | None = None) -> Latency:
     """Original and compressed timed alternately ``rounds`` times; ratio of the medians.
 
     Alternating cancels the machine's drift (other work on the shared CPU) out of the ratio. When the
@@ -170,8 +178,8 @@ def interleaved(original: nn.Module, compressed: nn.Module, inputs: tuple[torch.
     per_round: list[float] = []
     for _ in range(1 + more):
         for _ in range(rounds):
-            a = cpu_latency_ms(original, inputs, min_run_time)
-            b = cpu_latency_ms(compressed, inputs, min_run_time)
+            a = cpu_latency_ms(original, inputs, min_run_time, timing)
+            b = cpu_latency_ms(compressed, inputs, min_run_time, timing)
             base.append(a)
             comp.append(b)
             per_round.append(b / a)
@@ -428,6 +436,8 @@ class Benchmark:
         self.final_run_time = 0.05 if args.quick else 0.1
         self.knob_run_time = 0.05
         self.knob_steps = 5 if args.quick else 6
+        # every timing of the run - the searches', the knobs', the rows' - in one fresh process (see main)
+        self.timing: TimingProcess | None = None
 
     # -- measuring a finished model -------------------------------------------------------------
 
@@ -436,7 +446,8 @@ class Benchmark:
         names the plan (see ``Setting.timed``)."""
         if key not in setting.timed:
             latency = interleaved(setting.task.model, model, setting.inputs, rounds=self.rounds,
-                                  min_run_time=self.final_run_time, max_spread=RETIME_SPREAD, more=RETIMES)
+                                  min_run_time=self.final_run_time, max_spread=RETIME_SPREAD, more=RETIMES,
+                                  timing=self.timing)
             self.original_spreads.append((latency.high - latency.low) / max(latency.ratio, 1e-9))
             flops, note = math.nan, ""
             try:
@@ -491,7 +502,7 @@ class Benchmark:
         for batch, inputs in batches:
             specs = ranksearch.capture_layer_specs(model, inputs)
             candidates = [c for c in space.candidates(specs) if c.searchable]
-            base_ms = cpu_latency_ms(model, inputs, 0.2)
+            base_ms = cpu_latency_ms(model, inputs, 0.2, self.timing)
             setting = Setting(task, batch, inputs, candidates, base_ms, count_flops(model, inputs), count_params(model))
             say(f"{task.name} {batch}: original {base_ms:.2f} ms")
             self.run_setting(setting, space, greedy, probes, quality_memo)
@@ -505,7 +516,7 @@ class Benchmark:
         run_time, steps = self.knob_run_time, self.knob_steps
 
         def measure(timed: nn.Module) -> float:
-            return interleaved(model, timed, inputs, rounds=2, min_run_time=run_time).ratio
+            return interleaved(model, timed, inputs, rounds=2, min_run_time=run_time, timing=self.timing).ratio
 
         def from_choices(name: str, make: Callable[[float], Choices], low: float, high: float, n: int,
                          label: str) -> Tunable:
@@ -676,7 +687,7 @@ class Benchmark:
         row = Row(task.name, setting.batch, target, "ranksearch")
         ft_row = Row(task.name, setting.batch, target, FT_METHOD)
         trials = self.args.trials or (24 if self.quick else (24 if task.name == "cnn" else 18))
-        base_ms = statistics.median(cpu_latency_ms(model, setting.inputs, 0.2) for _ in range(5))
+        base_ms = statistics.median(cpu_latency_ms(model, setting.inputs, 0.2, self.timing) for _ in range(5))
         stats = SearchStats(task.name, setting.batch, target)
         records = _LogRecorder()
         logging.getLogger("ranksearch").addHandler(records)
@@ -701,7 +712,7 @@ class Benchmark:
                 model, setting.inputs, target_latency_ratio=target, eval_fn=task.val_score, n_trials=trials,
                 search_space=space, seed=self.args.seed, threads=1, latency_clock="cpu", show_progress_bar=False,
                 sensitivity=reused if reused is not None else True, latency_tolerance=SEARCH_TOLERANCE,
-                finetune_fn=fine_tune, finetune_candidates=FT_CANDIDATES,
+                finetune_fn=fine_tune, finetune_candidates=FT_CANDIDATES, timing_process=self.timing or False,
             )
         except ranksearch.TargetUnreachableError as exc:
             if exc.sensitivity is not None:
@@ -1058,8 +1069,11 @@ class Benchmark:
             "",
             ("How to read it: every method compresses the same candidate layers to just meet a measured latency "
             "target (a ratio of the original's latency on this CPU, one thread, thread CPU time). "
-            "*latency ratio*: compressed / original, timed alternately in the same process "
-            f"({self.rounds} rounds, ratio of the medians; in brackets the range of the per-round ratios; when "
+            "*latency ratio*: compressed / original, timed alternately in the same process ("
+            + ("this one, `--time-here`; " if self.timing is None else
+               "a fresh one that times every model of the run - the searches', the knobs' and these - and "
+               "does nothing else, `ranksearch.cost.TimingProcess`; ") +
+            f"{self.rounds} rounds, ratio of the medians; in brackets the range of the per-round ratios; when "
             f"that range is over {RETIME_SPREAD:.0%} of the ratio, {self.rounds} more rounds, up to {RETIMES} "
             "times, and the ratio of the medians of all rounds). "
             f"*meets*: latency ratio <= target x {1 + TOLERANCE:.2f} (room for this timing's noise; every method "
@@ -1293,6 +1307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-aimet", action="store_true")
     parser.add_argument("--skip-tltorch", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-here", action="store_true",
+                        help="time in this process, not in a fresh timing process (ranksearch.cost.TimingProcess); "
+                             "this process's heap, fragmented by the searches, slows models with more layers")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--log-fits", action="store_true",
                         help="print each budget-fitted seed's measured probes and every whole-model timing of the "
@@ -1300,7 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the configuration whose verdicts are kept across runs (benchmarks/history.py)
     args.standard = not (args.quick or args.models or args.targets or args.trials or args.batch1_only
-                         or args.skip_aimet or args.skip_tltorch or args.seed)
+                         or args.skip_aimet or args.skip_tltorch or args.seed or args.time_here)
     args.commit = history.git_commit(HERE.parent)  # now: the run rewrites tracked files (RESULTS.md, the figure)
     default_targets = (0.5,) if args.quick else TARGETS
     args.targets = tuple(float(t) for t in args.targets.split(",")) if args.targets else default_targets
@@ -1326,8 +1343,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = Benchmark(args)
     started = time.perf_counter()
     # a fresh latency-table cache for this run: ranksearch's compress time includes building it once
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
         os.environ["RANKSEARCH_CACHE_DIR"] = cache
+        if not args.time_here:
+            bench.timing = stack.enter_context(TimingProcess())
         for name in models:
             bench.run_task(cnn_task(log=say) if name == "cnn" else minilm_task(log=say))
     text = bench.write(time.perf_counter() - started)

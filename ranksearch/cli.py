@@ -197,6 +197,9 @@ def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> N
     search.add_argument("--latency-clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
                              "waiting for a busy machine's cores (CPU with --threads 1 only)")
+    search.add_argument("--timing-process", action="store_true",
+                        help="time whole models in a fresh process that does nothing else, as a deployed model runs "
+                             "(the search's own heap slows models with more layers); CPU only")
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -380,7 +383,7 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
             target_params=args.target_params, eval_fn=eval_fn, calib_data=calib, n_trials=args.trials,
             timeout=args.timeout, search_space=space, storage=storage, study_name=args.study_name,
             device=args.device, seed=args.seed, threads=args.threads, latency_clock=args.latency_clock,
-            show_progress_bar=not args.no_progress, finetune_fn=finetune_fn,
+            show_progress_bar=not args.no_progress, finetune_fn=finetune_fn, timing_process=args.timing_process,
             **({} if args.finetune_candidates is None else {"finetune_candidates": args.finetune_candidates}),
         )
     except InvalidInputsError as exc:

@@ -34,13 +34,14 @@ latency target is set), so its Pareto front answers other budgets too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import optuna
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cost import LatencyPredictor, LatencyTable, count_flops, count_params, measure_latency
+from .cost import LatencyPredictor, LatencyTable, TimingProcess, count_flops, count_params, measure_latency
 from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
@@ -139,6 +140,7 @@ def optimize(
     sensitivity: bool | SensitivityTable = True,
     finetune_fn: FineTuneFn | None = None,
     finetune_candidates: int = DEFAULT_FINETUNE_CANDIDATES,
+    timing_process: bool | TimingProcess = False,
 ) -> SearchResult:
     """Find the per-layer decomposition plan that meets the budget with the best quality.
 
@@ -192,6 +194,12 @@ def optimize(
             the ones that recover best (``ranksearch.finetune``). ``result.fine_tuned`` lists every
             candidate's scores.
         finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 4).
+        timing_process: ``True``: time whole models in a fresh process on this CPU, started for the search
+            and ended with it, as a deployed model runs, not in this process, whose heap the search
+            fragments (``ranksearch.cost.timing_process``: a plan timed at 0.69 of the original here
+            timed 0.68 there, and 0.73 here after the search). A :class:`~ranksearch.cost.TimingProcess`:
+            time in that one (left running), e.g. to time other models in the same conditions. The
+            per-layer latency table is still timed here (the whole-model timings calibrate it). CPU only.
 
     Returns:
         A :class:`~ranksearch.result.SearchResult` (``model``, ``plan``, ``study``, ``baseline``, ``final``,
@@ -228,114 +236,134 @@ def optimize(
     storage = open_storage(storage)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else _infer_example_inputs(model, calib_data)
 
-    # Everything below works on a copy: the user's model keeps its parameters, mode and device.
-    reference = copy.deepcopy(model).to(torch_device).eval()
-    check_finite_parameters(reference)
-    fingerprint = model_fingerprint(reference)
-    _check_sensitivity(sensitivity, fingerprint)
-    inputs = _move(inputs, torch_device)
-    specs = capture_layer_specs(reference, inputs)
-    candidates = drop_unreplaceable(reference, inputs, space.candidates(specs))
-    if not any(c.searchable for c in candidates):
-        reasons = "; ".join(f"{c.spec.name}: {', '.join(c.notes)}" for c in candidates[:5]) or "no Linear, Conv1d, Conv2d or Embedding layer is used in forward"
-        raise NoDecomposableLayerError(
-            f"nothing in this model can be decomposed under search space {space.name!r} ({reasons}); "
-            "check the model and the space's 'methods', 'skip' and 'min_flops_share'"
-        )
+    with _timing_worker(timing_process, torch_device, latency_fn) as worker:
+        # Everything below works on a copy: the user's model keeps its parameters, mode and device.
+        reference = copy.deepcopy(model).to(torch_device).eval()
+        check_finite_parameters(reference)
+        fingerprint = model_fingerprint(reference)
+        _check_sensitivity(sensitivity, fingerprint)
+        inputs = _move(inputs, torch_device)
+        specs = capture_layer_specs(reference, inputs)
+        candidates = drop_unreplaceable(reference, inputs, space.candidates(specs))
+        if not any(c.searchable for c in candidates):
+            reasons = "; ".join(f"{c.spec.name}: {', '.join(c.notes)}" for c in candidates[:5]) or "no Linear, Conv1d, Conv2d or Embedding layer is used in forward"
+            raise NoDecomposableLayerError(
+                f"nothing in this model can be decomposed under search space {space.name!r} ({reasons}); "
+                "check the model and the space's 'methods', 'skip' and 'min_flops_share'"
+            )
 
-    def measure(m: nn.Module, max_attempts: int = 3) -> Any:
-        return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads, clock=latency_clock,
-                               max_attempts=max_attempts)
+        def measure(m: nn.Module, max_attempts: int = 3) -> Any:
+            return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads, clock=latency_clock,
+                                   max_attempts=max_attempts, timing_process=worker)
 
-    batches = calibration_batches(inputs, calib_data)
-    batches = [_move(b, torch_device) for b in batches]
-    scorer = None if eval_fn is not None else FidelityScorer(reference, batches)
-    # every later latency is judged against this one (targets, drift, the final ratio): the median of three
-    base_timings = sorted((measure(reference) for _ in range(3)), key=lambda m: m.ms)
-    base_latency = base_timings[1]
-    base_flops, base_params = count_flops(reference, inputs), count_params(reference)
-    base_score = checked_score(eval_fn, reference) if eval_fn is not None else scorer(reference).score  # type: ignore[misc]
-    baseline = ModelStats(base_latency.ms, base_latency.spread, base_flops, base_params, base_score)
-    if target_latency_ratio is not None:
-        target_latency_ms = target_latency_ratio * baseline.latency_ms
-    targets = Targets.parse(latency_ms=target_latency_ms, flops=target_flops, params=target_params,
-                            baseline_flops=base_flops, baseline_params=base_params)
+        batches = calibration_batches(inputs, calib_data)
+        batches = [_move(b, torch_device) for b in batches]
+        scorer = None if eval_fn is not None else FidelityScorer(reference, batches)
+        # every later latency is judged against this one (targets, drift, the final ratio): the median of three
+        base_timings = sorted((measure(reference) for _ in range(3)), key=lambda m: m.ms)
+        base_latency = base_timings[1]
+        base_flops, base_params = count_flops(reference, inputs), count_params(reference)
+        base_score = checked_score(eval_fn, reference) if eval_fn is not None else scorer(reference).score  # type: ignore[misc]
+        baseline = ModelStats(base_latency.ms, base_latency.spread, base_flops, base_params, base_score)
+        if target_latency_ratio is not None:
+            target_latency_ms = target_latency_ratio * baseline.latency_ms
+        targets = Targets.parse(latency_ms=target_latency_ms, flops=target_flops, params=target_params,
+                                baseline_flops=base_flops, baseline_params=base_params)
 
-    with warnings.catch_warnings():  # `group` is marked experimental; it is what conditional spaces need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
-    cost_key = "latency_ms" if targets.latency_ms is not None else ("flops" if targets.flops is not None else "params")
-    budget = targets.as_dict()
-    if target_latency_ratio is not None:  # a resumed search times the original again: keep the ratio
-        budget = {**budget, "latency_ms": None, "latency_ratio": float(target_latency_ratio)}
-    identity = {"model": fingerprint["digest"], "space": space.digest, "targets": budget,
-                "objectives": ["quality", cost_key]}
-    with quiet_optuna():
-        study = open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)
-    # what a report needs to read the study on its own (e.g. `ranksearch report --storage ...`)
-    study.set_user_attr("baseline", baseline.to_dict())
-    study.set_user_attr("layer_specs", [spec.to_dict() for spec in specs])
-    study.set_user_attr("fingerprint", fingerprint)
-    study.set_user_attr("space_name", space.name)
-
-    already = targets.violations(latency_ms=baseline.latency_ms, flops=base_flops, params=base_params)
-    if all(v <= 0 for v in already.values()):
-        message = "the original model already meets the target; returned it unchanged with an empty plan"
-        log.info(message)
-        plan = CompressionPlan(layers=[], fingerprint=fingerprint, metadata={"targets": targets.as_dict()})
-        return SearchResult(model=copy.deepcopy(reference), plan=plan, study=study, baseline=baseline,
-                            final=baseline, targets=targets.as_dict(), message=message)
-
-    searchable = [c for c in candidates if c.searchable]
-    _check_reachable(targets, searchable, space, baseline)
-
-    predictor = None
-    if targets.latency_ms is not None:
-        table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device,
-                             latency_fn=latency_fn, threads=threads, clock=latency_clock)
-        table.prepare({c.spec.name: c.methods for c in searchable})
-        # one check's worth of prior: the table is often off by a consistent factor, learn it fast
-        predictor = LatencyPredictor(table, baseline.latency_ms, prior_checks=1.0)
-
-    search = TrialRunner(
-        reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
-        eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure,
-        measure_round=lambda m: measure(m, max_attempts=1), fingerprint=fingerprint,
-        latency_check_every=latency_check_every,
-    )
-    table = None
-    if not study.trials:
-        search.calibrate_latency()
-        floor = _check_latency_reachable(search, targets, latency_tolerance, study)
-        table = sensitivity if isinstance(sensitivity, SensitivityTable) else (
-            measure_sensitivity(search) if sensitivity else None)
-        # at the space's floor, its fastest plan is the one most likely to meet the target
-        seeds = search.seeds(weakening=vbmf_weakening, sensitivity=table, first=[floor] if floor else [])
-        for seed_plan in seeds[:n_trials]:
-            search.enqueue(study, seed_plan, seed=seed_plan.origin)
-
-    finished = [t for t in study.trials if t.state.is_finished()]
-    remaining = max(0, n_trials - len(finished))
-    progress = _Progress(remaining, show_progress_bar, cost_key)
-    try:
+        with warnings.catch_warnings():  # `group` is marked experimental; it is what conditional spaces need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+        cost_key = "latency_ms" if targets.latency_ms is not None else ("flops" if targets.flops is not None else "params")
+        budget = targets.as_dict()
+        if target_latency_ratio is not None:  # a resumed search times the original again: keep the ratio
+            budget = {**budget, "latency_ms": None, "latency_ratio": float(target_latency_ratio)}
+        identity = {"model": fingerprint["digest"], "space": space.digest, "targets": budget,
+                    "objectives": ["quality", cost_key]}
         with quiet_optuna():
-            study.optimize(search.objective, n_trials=remaining, timeout=timeout, catch=(EvaluationError,),
-                           callbacks=[progress, NeighbourMoves(search, n_trials, seed)])
-    except KeyboardInterrupt:
-        log.warning("search interrupted: %d trials are kept in the study; rerun with the same storage and "
-                    "study_name to resume", len(study.trials))
-        raise
-    finally:
-        progress.close()
+            study = open_study(storage, study_name, directions=["maximize", "minimize"], sampler=sampler, identity=identity)
+        # what a report needs to read the study on its own (e.g. `ranksearch report --storage ...`)
+        study.set_user_attr("baseline", baseline.to_dict())
+        study.set_user_attr("layer_specs", [spec.to_dict() for spec in specs])
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("space_name", space.name)
 
-    try:
-        result = _finish(study, search, targets, baseline, latency_tolerance, finetune_fn, finetune_candidates,
-                         sensitivity=table)
-    except TargetUnreachableError as exc:
-        exc.sensitivity = table  # still reusable for a looser target
-        raise
-    result.sensitivity = table
-    return result
+        already = targets.violations(latency_ms=baseline.latency_ms, flops=base_flops, params=base_params)
+        if all(v <= 0 for v in already.values()):
+            message = "the original model already meets the target; returned it unchanged with an empty plan"
+            log.info(message)
+            plan = CompressionPlan(layers=[], fingerprint=fingerprint, metadata={"targets": targets.as_dict()})
+            return SearchResult(model=copy.deepcopy(reference), plan=plan, study=study, baseline=baseline,
+                                final=baseline, targets=targets.as_dict(), message=message)
+
+        searchable = [c for c in candidates if c.searchable]
+        _check_reachable(targets, searchable, space, baseline)
+
+        predictor = None
+        if targets.latency_ms is not None:
+            table = LatencyTable(reference, inputs, [c.spec for c in searchable], device=torch_device,
+                                 latency_fn=latency_fn, threads=threads, clock=latency_clock)
+            table.prepare({c.spec.name: c.methods for c in searchable})
+            # one check's worth of prior: the table is often off by a consistent factor, learn it fast
+            predictor = LatencyPredictor(table, baseline.latency_ms, prior_checks=1.0)
+
+        search = TrialRunner(
+            reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
+            eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure,
+            measure_round=lambda m: measure(m, max_attempts=1), fingerprint=fingerprint,
+            latency_check_every=latency_check_every,
+        )
+        table = None
+        if not study.trials:
+            search.calibrate_latency()
+            floor = _check_latency_reachable(search, targets, latency_tolerance, study)
+            table = sensitivity if isinstance(sensitivity, SensitivityTable) else (
+                measure_sensitivity(search) if sensitivity else None)
+            # at the space's floor, its fastest plan is the one most likely to meet the target
+            seeds = search.seeds(weakening=vbmf_weakening, sensitivity=table, first=[floor] if floor else [])
+            for seed_plan in seeds[:n_trials]:
+                search.enqueue(study, seed_plan, seed=seed_plan.origin)
+
+        finished = [t for t in study.trials if t.state.is_finished()]
+        remaining = max(0, n_trials - len(finished))
+        progress = _Progress(remaining, show_progress_bar, cost_key)
+        try:
+            with quiet_optuna():
+                study.optimize(search.objective, n_trials=remaining, timeout=timeout, catch=(EvaluationError,),
+                               callbacks=[progress, NeighbourMoves(search, n_trials, seed)])
+        except KeyboardInterrupt:
+            log.warning("search interrupted: %d trials are kept in the study; rerun with the same storage and "
+                        "study_name to resume", len(study.trials))
+            raise
+        finally:
+            progress.close()
+
+        try:
+            result = _finish(study, search, targets, baseline, latency_tolerance, finetune_fn, finetune_candidates,
+                             sensitivity=table)
+        except TargetUnreachableError as exc:
+            exc.sensitivity = table  # still reusable for a looser target
+            raise
+        result.sensitivity = table
+        return result
+
+
+@contextlib.contextmanager
+def _timing_worker(timing_process: Any, device: torch.device, latency_fn: LatencyFn | None) -> Iterator[TimingProcess | None]:
+    """The process the search times whole models in: ``None`` (this one), the caller's
+    :class:`TimingProcess`, or one started here and ended with the search."""
+    if timing_process is False or timing_process is None:
+        yield None
+        return
+    if timing_process is not True and not isinstance(timing_process, TimingProcess):
+        raise InvalidInputsError(f"timing_process must be True, False or a ranksearch.cost.TimingProcess, got {timing_process!r}")
+    if latency_fn is not None or device.type != "cpu":
+        raise InvalidInputsError("timing_process times on this machine's CPU: leave it out with latency_fn or on "
+                                 f"another device (got device={str(device)!r})")
+    if isinstance(timing_process, TimingProcess):
+        yield timing_process
+        return
+    with TimingProcess() as worker:
+        yield worker
 
 
 def _check_clock(clock: Any, latency_fn: LatencyFn | None, device: torch.device, threads: int | None) -> None:

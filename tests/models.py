@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -38,3 +40,17 @@ class SharedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.again(torch.relu(self.proj(x))))
+
+
+class RefusesToRunIn(nn.Module):
+    """A Linear that raises when it runs in the process ``pid``: shows where it was timed."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.getpid() == self.pid:
+            raise RuntimeError("run in the process it refuses")
+        return self.fc(x)

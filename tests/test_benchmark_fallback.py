@@ -119,7 +119,7 @@ def test_a_final_timing_whose_rounds_spread_widely_gets_more_rounds(monkeypatch)
     timings = iter(ms for pair in noisy + calm for ms in pair)
     calls: list[float] = []
 
-    def cpu_latency_ms(model, inputs, min_run_time):
+    def cpu_latency_ms(model, inputs, min_run_time, timing=None):
         calls.append(min_run_time)
         return next(timings)
 

@@ -318,3 +318,18 @@ def test_every_option_of_every_command_has_help(capsys) -> None:
         for action in sub._actions:
             for option in action.option_strings:
                 assert option in out
+
+
+def test_timing_process_flag_reaches_the_search(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    seen: dict[str, object] = {}
+
+    def optimize(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise ranksearch.InvalidInputsError("stopped before the search")
+
+    monkeypatch.setattr(ranksearch.search, "optimize", optimize)
+    base = ["optimize", FACTORY, "--input-shape", "4,32", "--target-flops", "0.5"]
+    for flags, expected in (([], False), (["--timing-process"], True)):
+        code, _, err = _main([*base, *flags], capsys)
+        assert code != 0 and "stopped before the search" in err and seen["timing_process"] is expected

@@ -9,12 +9,14 @@ from .flops import FLOP_CONVENTION, count_flops, count_params, flops_by_module
 from .latency import LatencyMeasurement, measure_latency
 from .predictor import LatencyPredictor
 from .table import LatencyTable
+from .timing_process import TimingProcess
 
 __all__ = [
     "FLOP_CONVENTION",
     "LatencyMeasurement",
     "LatencyPredictor",
     "LatencyTable",
+    "TimingProcess",
     "count_flops",
     "count_params",
     "flops_by_module",

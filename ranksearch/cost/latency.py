@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from torch.utils._pytree import tree_map
 from ..exceptions import DeviceUnavailableError, EvaluationError, InvalidInputsError
 from ..layers import as_input_tuple, check_module
 from .._modes import eval_mode
+
+if TYPE_CHECKING:
+    from .timing_process import TimingProcess
 
 __all__ = ["LatencyMeasurement", "LatencyFn", "measure_latency", "resolve_device", "model_device"]
 
@@ -297,6 +300,7 @@ def measure_latency(
     latency_fn: LatencyFn | None = None,
     fn_calls: int = 3,
     clock: str | Callable[[], float] = "wall",
+    timing_process: TimingProcess | None = None,
 ) -> LatencyMeasurement:
     """Median latency of one forward pass of ``model`` on ``example_inputs``, and its spread.
 
@@ -322,6 +326,9 @@ def measure_latency(
             on a machine shared with other work it leaves out the time the process waits for a
             core, which wall time counts. Or a callable returning seconds (tests, special
             hardware).
+        timing_process: a :class:`~ranksearch.cost.TimingProcess` to time in: a fresh process on this
+            CPU, whose heap the caller's work has not fragmented (see ``ranksearch.cost.timing_process``).
+            The model's parameters and buffers are moved into shared memory (values unchanged).
 
     Returns:
         A :class:`LatencyMeasurement` (``.ms``, ``.spread``, ``.runs``...).
@@ -342,6 +349,16 @@ def measure_latency(
     max_spread = _positive_float(max_spread, "max_spread")
     min_run_time = _positive_float(min_run_time, "min_run_time")
     fn_calls = _positive_int(fn_calls, "fn_calls")
+
+    if timing_process is not None:
+        if latency_fn is not None or not callable(getattr(timing_process, "measure", None)):
+            raise InvalidInputsError("timing_process must be a ranksearch.cost.TimingProcess, and it times on this "
+                                     "machine's CPU: it cannot be combined with latency_fn")
+        if resolve_device(device, model).type != "cpu":
+            raise InvalidInputsError("timing_process times on the CPU; for another device leave it out")
+        return timing_process.measure(model, as_input_tuple(example_inputs), {
+            "threads": threads, "min_run_time": min_run_time, "max_spread": max_spread,
+            "max_attempts": max_attempts, "clock": clock})
 
     if latency_fn is not None:
         device_name = "custom"

@@ -1,0 +1,195 @@
+"""A separate, fresh process that times models on this machine's CPU, as a deployed model runs.
+
+Why: a search builds and frees thousands of decomposed layers and models. The heap it leaves
+behind is fragmented, and in a fragmented heap every forward pass's intermediate tensors take longer
+to allocate, so a model with more layers (a decomposed one) pays more than the original. Timed in
+the process that had just searched, a plan that the search measured at 0.69 of the original measured
+0.72-0.74 (the benchmark's CNN at batch 1); in a fresh process it measured 0.68. Searched with a
+timing process, a plan measured 0.67 in the search's final check and 0.68-0.69 in the same worker
+after the search (0.70 in the process that had searched). A deployed model
+runs in a process that did not search, so :class:`TimingProcess` times in one:
+``optimize(..., timing_process=True)``, or ``measure_latency(..., timing_process=worker)``.
+
+The worker is a new interpreter (not a fork of this heap) and receives each model through
+shared memory: the model's parameters and buffers are moved into shared memory once (their values are
+unchanged) and the worker maps them without copying. The inputs are copied for every call, so the
+caller's tensors are left as they are. The worker runs :func:`measure_latency` with the caller's options.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import weakref
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the pickling of tensors through shared memory)
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..exceptions import EvaluationError, InvalidInputsError
+
+__all__ = ["TimingProcess"]
+
+#: models the worker keeps between calls (the search times the original beside each plan)
+_KEPT_MODELS = 4
+
+_LOAD_ERROR = ("the timing process cannot load the model ({}); its classes must be importable by name in a fresh "
+               "interpreter (defined in a module, not in a script's __main__, a notebook cell or a function): move "
+               "them into a module, or time in this process (timing_process=False)")
+
+
+def _serve(fd: int) -> None:
+    """The worker's loop on the socket ``fd``: first ``(sys.path, authkey)``; then requests ``(token,
+    model or None, inputs, options)``, each answered ``("ok", LatencyMeasurement)``, ``("error",
+    exception)`` or ``("resend", None)`` (a model sent by token only that is no longer kept); ``None``
+    ends it."""
+    from .latency import measure_latency  # the worker's own import, in the fresh interpreter
+
+    conn = Connection(fd)
+    sys_path, authkey = conn.recv()
+    sys.path[:] = sys_path  # the caller's modules (its model's classes) import as they do there
+    # tensors arrive as file descriptors, handed over by the caller's resource sharer, which checks this key
+    multiprocessing.current_process().authkey = authkey
+    kept: collections.OrderedDict[int, nn.Module] = collections.OrderedDict()
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except EOFError:  # the caller went away
+            return
+        try:
+            request = pickle.loads(message)
+        except Exception as exc:
+            conn.send(("error", InvalidInputsError(_LOAD_ERROR.format(f"{type(exc).__name__}: {exc}"))))
+            continue
+        if request is None:
+            return
+        token, model, inputs, options = request
+        del request, message
+        if model is None and token not in kept:
+            conn.send(("resend", None))
+            continue
+        if model is not None:
+            kept[token] = model
+            while len(kept) > _KEPT_MODELS:
+                kept.popitem(last=False)
+        kept.move_to_end(token)
+        try:
+            reply: tuple[str, Any] = ("ok", measure_latency(kept[token], inputs, **options))
+        except Exception as exc:  # sent back and raised in the caller
+            reply = ("error", exc)
+        del model, inputs
+        try:
+            conn.send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            conn.send(("error", EvaluationError(f"{type(reply[1]).__name__}: {reply[1]}")))
+
+
+def _layout(model: nn.Module) -> tuple[Any, ...]:
+    """What must be unchanged for the worker's copy of ``model`` to still be it: its modules, and each
+    tensor's memory, shape and in-place version."""
+    return (tuple(id(m) for m in model.modules()),
+            tuple((t.data_ptr(), tuple(t.shape), t._version) for t in (*model.parameters(), *model.buffers())))
+
+
+class TimingProcess:
+    """A worker process that times models for :func:`measure_latency` (CPU only).
+
+    Start one, pass it as ``timing_process=`` to :func:`measure_latency` or :func:`ranksearch.optimize`,
+    and close it (or use it as a context manager). The worker starts in a few seconds (a fresh
+    interpreter imports torch). It is a new interpreter, not a fork or a spawn of this one: it never
+    runs the caller's script again, so a script needs no ``if __name__ == "__main__"`` guard; the
+    model's classes must be importable.
+
+    A model is sent once and then named by a token while it is unchanged (the same modules and tensors,
+    no in-place update): sending one costs 30-50 ms (the benchmark's CNN and MiniLM), about a timing's
+    length, and a search times the original beside every plan it checks.
+
+    Example:
+        >>> with TimingProcess() as worker:
+        ...     ms = measure_latency(model, x, threads=1, timing_process=worker).ms
+    """
+
+    def __init__(self) -> None:
+        if os.name != "posix":
+            raise InvalidInputsError("TimingProcess hands the worker a socket, which needs Linux or macOS; time in "
+                                     "this process (timing_process=False)")
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", f"from ranksearch.cost.timing_process import _serve; _serve({theirs.fileno()})"],
+            pass_fds=(theirs.fileno(),), env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((list(sys.path), bytes(multiprocessing.current_process().authkey)))
+        self._sent: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+        self._tokens = itertools.count()
+        self.models_sent = 0  # whole, not by token
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def measure(self, model: nn.Module, example_inputs: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """``measure_latency(model, example_inputs, **options)`` run in the worker."""
+        if not self.alive:
+            raise EvaluationError("the timing process has ended (closed, or killed from outside); start a new "
+                                  "TimingProcess")
+        inputs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, example_inputs)
+        layout = _layout(model)
+        sent = self._sent.get(model)
+        if sent is not None and sent[1] == layout:
+            kind, value = self._ask((sent[0], None, inputs, options))
+            if kind != "resend":
+                return self._answer(kind, value)
+        token = next(self._tokens)
+        answer = self._ask((token, model, inputs, options))
+        self.models_sent += 1
+        self._sent[model] = (token, _layout(model))  # after the send, which moved its tensors into shared memory
+        return self._answer(*answer)
+
+    def _ask(self, request: tuple[Any, ...]) -> tuple[str, Any]:
+        try:
+            self._conn.send(request)
+        except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
+            raise InvalidInputsError(
+                f"the model (or a timing option) cannot be sent to the timing process ({type(exc).__name__}: {exc}); "
+                "a model timed in a separate process must be picklable (no lambdas or local classes in it): make it "
+                "so, or time in this process (timing_process=False)"
+            ) from exc
+        try:
+            return self._conn.recv()
+        except EOFError as exc:
+            raise EvaluationError(f"the timing process ended while timing (exit code {self._process.poll()}); "
+                                  "the model may crash the interpreter, or the machine ran out of memory") from exc
+
+    @staticmethod
+    def _answer(kind: str, value: Any) -> Any:
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """End the worker (idempotent)."""
+        if self.alive:
+            try:
+                self._conn.send(None)
+                self._process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+                self._process.wait()
+        self._conn.close()
+
+    def __enter__(self) -> TimingProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
