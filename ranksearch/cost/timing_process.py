@@ -39,6 +39,14 @@ from ..exceptions import EvaluationError, InvalidInputsError
 
 __all__ = ["TimingProcess"]
 
+#: glibc's malloc in the worker as in a process that has served for a while: blocks up to 32 MiB from
+#: the heap, which keeps what it frees. In a fresh process, malloc maps each block over 128 KiB anew
+#: and gives the top of the heap back after each forward pass, so that every pass faults its
+#: activations' pages in again: timings 5-10% slower at batch 8, and noisier, than in a process that
+#: had run for a while (there, malloc has raised both limits on its own, as it does after the first
+#: large blocks are freed). Other allocators ignore these variables.
+_STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
 #: models the worker keeps between calls (the search times the original beside each plan)
 _KEPT_MODELS = 4
 
@@ -125,7 +133,8 @@ class TimingProcess:
         ours, theirs = socket.socketpair()
         self._process = subprocess.Popen(
             [sys.executable, "-c", f"from ranksearch.cost.timing_process import _serve; _serve({theirs.fileno()})"],
-            pass_fds=(theirs.fileno(),), env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            pass_fds=(theirs.fileno(),), env={**os.environ, **_STEADY_HEAP,
+                                              "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         theirs.close()
         self._conn = Connection(ours.detach())
