@@ -40,11 +40,11 @@ from ..exceptions import EvaluationError, InvalidInputsError
 __all__ = ["TimingProcess"]
 
 #: glibc's malloc in the worker as in a process that has served for a while: blocks up to 32 MiB from
-#: the heap, which keeps what it frees. In a fresh process, malloc maps each block over 128 KiB anew
-#: and gives the top of the heap back after each forward pass, so that every pass faults its
-#: activations' pages in again: timings 5-10% slower at batch 8, and noisier, than in a process that
-#: had run for a while (there, malloc has raised both limits on its own, as it does after the first
-#: large blocks are freed). Other allocators ignore these variables.
+#: the heap, which keeps what it frees. Without this, the fresh worker timed the benchmark's models
+#: at batch 8 5-10% slower than a process that had run for a while, and more noisily. The likely
+#: cause: in a fresh process malloc maps each block over 128 KiB anew and gives the top of the heap
+#: back after each forward pass, so every pass faults its activations' pages in again; a process
+#: that has freed large blocks has raised both limits on its own. Other allocators ignore these.
 _STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 #: models the worker keeps between calls (the search times the original beside each plan)
@@ -118,8 +118,8 @@ class TimingProcess:
     model's classes must be importable.
 
     A model is sent once and then named by a token while it is unchanged (the same modules and tensors,
-    no in-place update): sending one costs 30-50 ms (the benchmark's CNN and MiniLM), about a timing's
-    length, and a search times the original beside every plan it checks.
+    no in-place update): sending one costs tens of milliseconds (MiniLM: about 50), and a search times
+    the original beside every plan it checks.
 
     Example:
         >>> with TimingProcess() as worker:
