@@ -422,7 +422,7 @@ def _check_reachable(targets: Targets, searchable: list[LayerCandidates], space:
 # fastest; a target just out of reach is left to the search, which reports its fastest plan. (The
 # benchmark's CNN at 0.35x, 18 searches in 9 runs: that plan timed 1.00-1.16 of the target, no search
 # found a faster one, and each of the 13 left to the search by a margin of 10% ended without a plan,
-# after 95-101 s in the last run; 9 of them had timed it more than 5% over the accepted limit.)
+# after 35-41 s in the last run; 9 of them had timed it more than 5% over the accepted limit.)
 _OUT_OF_REACH = 0.05
 
 
