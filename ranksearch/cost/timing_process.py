@@ -153,9 +153,8 @@ class TimingProcess:
             raise EvaluationError("the timing process has ended (closed, or killed from outside); start a new "
                                   "TimingProcess")
         inputs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, example_inputs)
-        layout = _layout(model)
         sent = self._sent.get(model)
-        if sent is not None and sent[1] == layout:
+        if sent is not None and sent[1] == _layout(model):
             kind, value = self._ask((sent[0], None, inputs, options))
             if kind != "resend":
                 return self._answer(kind, value)
