@@ -147,6 +147,24 @@ def test_ranks_between_anchors_are_filled_without_measuring(tmp_path: Path) -> N
         assert table.layer_ms("features.3", "channel", top) > table.layer_ms("features.3", "channel", high)
 
 
+def test_latencies_are_remembered_per_layer_method_and_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = SmallCNN(), small_cnn_inputs()
+    table = _table(model, x, tmp_path, FakeDevice(wobble=0.5))
+    queries = [(name, method, get_method(method).rank_from_scale(table.spec(name), scale))
+               for name, methods in _candidates(table).items() for method in methods for scale in (0.0, 0.5, 1.0)]
+    queries += [(name, "keep", None) for name in table.names]
+    first = [table.layer_ms(*q) for q in queries]
+    assert len(set(first)) > len(table.names)  # different layers, methods and ranks: different answers
+    fitted = []
+    monkeypatch.setattr(ranksearch.cost.table._Fit, "__call__", lambda self, cost: fitted.append(cost) or 0.0)
+    assert [table.layer_ms(*q) for q in reversed(queries)] == first[::-1]
+    assert fitted == []  # answered from memory, not from the fit
+    monkeypatch.undo()
+    fresh = _table(model, x, tmp_path, FakeDevice(wobble=0.5))  # the same timings, from the disk cache
+    assert [fresh.layer_ms(*q) for q in reversed(queries)] == first[::-1]
+    assert fresh.measurements == 0
+
+
 def test_second_table_on_same_model_measures_nothing(tmp_path: Path) -> None:
     model, x = SmallCNN(), small_cnn_inputs()
     first_fn = FakeDevice()

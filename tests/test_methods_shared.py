@@ -6,6 +6,7 @@ string padding, dilation, no bias, groups, Conv1d, reflect padding, embeddings).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -113,6 +114,22 @@ def test_analytic_cost_equals_built_module(method: str, case: str) -> None:
     assert cost.flops == count_flops(replacement, x)
     assert cost.params == sum(p.numel() for p in replacement.parameters())
     assert replacement(x).shape == layer(x).shape
+
+
+@pytest.mark.parametrize("method,case", list(_cases()))
+def test_remembered_rank_for_cost_fraction_is_the_computed_one(method: str, case: str) -> None:
+    layer, x = _supported(method, case)
+    spec = spec_from_module("layer", layer, x.shape)
+    m = get_method(method)
+    fractions = [0.05, 0.2, 0.35, 0.5, 0.8, 1.0]
+    computed = [m._bisect_cost_fraction(spec, f) for f in fractions]
+    assert len(set(map(str, computed))) > 1  # the fractions ask for different ranks
+    for _ in range(2):  # the second pass is answered from memory: the same ranks
+        assert [m.rank_for_cost_fraction(spec, f) for f in fractions] == computed
+    # a spec whose fields are lists (built by hand) cannot be remembered, and is still answered
+    by_hand = dataclasses.replace(spec, input_shape=list(spec.input_shape) if spec.input_shape else None,
+                                  kernel_size=list(spec.kernel_size))
+    assert [m.rank_for_cost_fraction(by_hand, f) for f in fractions] == computed
 
 
 @pytest.mark.parametrize("method,case", list(_cases()))

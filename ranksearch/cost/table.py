@@ -171,6 +171,7 @@ class LatencyTable:
         self._entries: dict[str, dict[str, Any]] = self._load() if cache else {}
         self._new: dict[str, dict[str, Any]] = {}
         self._fits: dict[tuple[str, str], _Fit] = {}
+        self._known_ms: dict[tuple[str, str, Rank | None], float] = {}
         self.measurements = 0
 
     # --- layers ----------------------------------------------------------------------------------
@@ -216,10 +217,7 @@ class LatencyTable:
 
     def original_ms(self, name: str) -> float:
         """Latency of layer ``name`` alone, on a random input of its captured input shape."""
-        spec = self.spec(name)
-        ms = self._measure(spec, KEEP, None)
-        self._flush()
-        return ms
+        return self._remembered((name, KEEP, None), lambda: self._measure(self.spec(name), KEEP, None))
 
     def layer_ms(self, name: str, method: str, rank: Rank | None) -> float:
         """Latency of layer ``name`` replaced by ``method`` at ``rank`` (``"keep"``: the original).
@@ -236,8 +234,23 @@ class LatencyTable:
         spec = self.spec(name)
         m = self._method(spec, method)
         rank = m.normalize_rank(spec, rank)  # type: ignore[arg-type]
-        fit = self._fit(spec, m)
-        return fit(self._cost(spec, m, rank, fit.use_flops))
+
+        def from_fit() -> float:
+            fit = self._fit(spec, m)
+            return fit(self._cost(spec, m, rank, fit.use_flops))
+
+        return self._remembered((name, m.name, rank), from_fit)
+
+    def _remembered(self, key: tuple[str, str, Rank | None], compute: Callable[[], float]) -> float:
+        """``compute()``, once per layer, method and rank: measurements and fits never change once
+        made, and a search asks for the same layers' latencies tens of thousands of times (each
+        answer builds a cache key and runs the isotonic fit: 4-6 s of a benchmark search)."""
+        if key not in self._known_ms:
+            try:
+                self._known_ms[key] = compute()
+            finally:
+                self._flush()
+        return self._known_ms[key]
 
     def saving_ms(self, name: str, method: str, rank: Rank | None) -> float:
         """``original_ms(name) - layer_ms(name, method, rank)``; negative when the replacement is slower."""

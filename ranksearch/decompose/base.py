@@ -8,6 +8,7 @@ Adding a method means one new file with a subclass of :class:`DecompositionMetho
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -123,8 +124,17 @@ class DecompositionMethod(ABC):
         """The largest rank whose cost is at most ``fraction`` of the original layer's cost.
 
         Cost is FLOPs when the input shape is known and not zero, parameters otherwise. Returns
-        ``None`` when even the smallest rank costs more.
+        ``None`` when even the smallest rank costs more. Remembered per layer and fraction:
+        :meth:`cost` depends on the spec and rank alone, and a search asks for the same ranks
+        thousands of times (5-8 s of a benchmark search's CPU time went to this bisection).
         """
+        try:
+            return _rank_for_cost_fraction(self, spec, float(fraction))
+        except TypeError:  # a spec built by hand with lists in it cannot be a key
+            return self._bisect_cost_fraction(spec, fraction)
+
+    def _bisect_cost_fraction(self, spec: LayerSpec, fraction: float) -> Rank | None:
+        """:meth:`rank_for_cost_fraction`, computed."""
         use_flops = spec.input_shape is not None and spec.flops > 0
         original = spec.flops if use_flops else spec.params
 
@@ -208,6 +218,12 @@ def register(cls: M) -> M:
         raise ValueError(f"a decomposition method named {key!r} is already registered")
     _REGISTRY[key] = cls()
     return cls
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _rank_for_cost_fraction(method: DecompositionMethod, spec: LayerSpec, fraction: float) -> Rank | None:
+    # methods are stateless singletons (see register): keyed by identity, held for the process
+    return method._bisect_cost_fraction(spec, fraction)
 
 
 def get_method(name: str | DecompositionMethod) -> DecompositionMethod:
