@@ -862,9 +862,12 @@ def test_cpu_clock_times_the_search_with_thread_cpu_time(monkeypatch, tmp_path) 
 
     monkeypatch.setattr(time, "thread_time", thread_time)
     monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path))  # a fresh latency table, timed with this clock
-    result = ranksearch.optimize(model, x, target_latency_ratio=0.8, n_trials=3, threads=1, latency_clock="cpu",
-                                 seed=0, show_progress_bar=False, sensitivity=False)
-    assert readings and result.final.latency_ms > 0
+    try:
+        latency_ms = ranksearch.optimize(model, x, target_latency_ratio=0.8, n_trials=3, threads=1, latency_clock="cpu",
+                                         seed=0, show_progress_bar=False, sensitivity=False).final.latency_ms
+    except ranksearch.TargetUnreachableError as exc:  # 3 trials on a busy machine (a full test run) may miss it
+        latency_ms = exc.best_latency_ms
+    assert readings and latency_ms is not None and latency_ms > 0
     assert all('"clock": "cpu"' in p.read_text() for p in (tmp_path / "latency").glob("*.json"))
 
     for kwargs, message in [
