@@ -47,6 +47,15 @@ def test_a_model_is_sent_once_while_it_is_unchanged(worker: TimingProcess) -> No
         model.head[3].weight.mul_(0.5)  # an in-place update, too
     measure_latency(model, x, timing_process=worker, **QUICK)
     assert worker.models_sent == sent + 3
+    model.features[7].stride = (2, 2)  # a setting: the worker's copy takes it too, and the head no longer fits
+    with pytest.raises(InvalidInputsError, match="rejected the example inputs"):
+        measure_latency(model, x, timing_process=worker, **QUICK)
+    assert worker.models_sent == sent + 4
+    model.train()  # the mode is not a setting: the worker times in eval mode either way
+    model.features[7].stride = (1, 1)
+    measure_latency(model, x, timing_process=worker, **QUICK)
+    measure_latency(model.eval(), x, timing_process=worker, **QUICK)
+    assert worker.models_sent == sent + 5
 
 
 def test_the_callers_inputs_stay_as_they_are(worker: TimingProcess) -> None:

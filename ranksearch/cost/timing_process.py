@@ -101,10 +101,21 @@ def _serve(fd: int) -> None:
             conn.send(("error", EvaluationError(f"{type(reply[1]).__name__}: {reply[1]}")))
 
 
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_setting(value: Any) -> bool:
+    """A plain value a forward pass reads as a setting: a conv's stride, a norm's eps, a flag of one's own."""
+    return isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value))
+
+
 def _layout(model: nn.Module) -> tuple[Any, ...]:
-    """What must be unchanged for the worker's copy of ``model`` to still be it: its modules, and each
-    tensor's memory, shape and in-place version."""
-    return (tuple(id(m) for m in model.modules()),
+    """What must be unchanged for the worker's copy of ``model`` to still be it: its modules and their
+    settings, and each tensor's memory, shape and in-place version. (``training`` is left out: the
+    worker times in eval mode whatever the mode.)"""
+    return (tuple((id(m), tuple((k, v) for k, v in vars(m).items()
+                                if not k.startswith("_") and k != "training" and _is_setting(v)))
+                  for m in model.modules()),
             tuple((t.data_ptr(), tuple(t.shape), t._version) for t in (*model.parameters(), *model.buffers())))
 
 
@@ -117,9 +128,9 @@ class TimingProcess:
     runs the caller's script again, so a script needs no ``if __name__ == "__main__"`` guard; the
     model's classes must be importable.
 
-    A model is sent once and then named by a token while it is unchanged (the same modules and tensors,
-    no in-place update): sending one costs tens of milliseconds (MiniLM: about 50), and a search times
-    the original beside every plan it checks.
+    A model is sent once and then named by a token while it is unchanged (the same modules with the
+    same settings, the same tensors, no in-place update): sending one costs tens of milliseconds
+    (MiniLM: about 50), and a search times the original beside every plan it checks.
 
     Example:
         >>> with TimingProcess() as worker:
