@@ -46,6 +46,14 @@ LatencyFn = Callable[[nn.Module, Any], float]
 # timed until there are at least this many.
 _MIN_BLOCKS = 5
 
+#: the longest warm-up before the timed blocks, in seconds (at least two calls; at most half the
+#: blocks' time); Timer.blocked_autorange runs the model again while it sizes its blocks. At 0.1 s
+#: the warm-up was a quarter of each of a search's timings. A plan's ratio to the original, over 40
+#: interleaved rounds with 0.1 s and 0.03 s (the benchmark's CNN and MiniLM at batch 1 and 8, a
+#: fresh copy of each model per timing): medians within 0.2-0.8% of each other; interquartile
+#: ranges 1.9/2.1% and 1.9/1.8% (CNN), 3.2/1.6% and 3.4/1.8% (MiniLM); each timing 13-22% shorter.
+_WARM_UP_S = 0.03
+
 
 @dataclass(frozen=True)
 class LatencyMeasurement:
@@ -255,7 +263,7 @@ def _time_locally(
     with _num_threads(threads):
         # warm-up: first calls allocate, pick kernels and fill caches; also gives the call time
         start, calls = clock(), 0
-        while calls < 2 or (clock() - start < min(0.1, min_run_time / 2) and calls < 1000):
+        while calls < 2 or (clock() - start < min(_WARM_UP_S, min_run_time / 2) and calls < 1000):
             model(*inputs)
             calls += 1
         per_call = max(clock() - start, 0.0) / calls
