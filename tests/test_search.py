@@ -973,6 +973,38 @@ def test_the_lagrangian_path_steps_through_the_ranks_between_scored_ones() -> No
     assert lagrangian_choices(options, fit, finer) == {"a": ("svd", 5), "b": ("svd", 8)}
 
 
+def test_ranks_between_two_options_lie_on_the_grid_between_them_dearest_first() -> None:
+    """Tucker-2's (tuple) ranks between two scored ones and between keep and the dearest scored one:
+    strictly between in cost, each cheaper than the one before, losses on the line between the ends."""
+    from types import SimpleNamespace
+
+    from ranksearch.layers import spec_from_module
+    from ranksearch.sensitivity import Option, ranks_between
+    from ranksearch.space import load_space
+
+    spec = spec_from_module("conv", nn.Conv2d(32, 64, 3, padding=1), (1, 32, 16, 16))
+    space = load_space("convnet")
+    runner = SimpleNamespace(searchable=[SimpleNamespace(spec=spec)], space=space, predictor=None,
+                             workbench=SimpleNamespace(specs={"conv": spec}), targets=SimpleNamespace(flops=0.5))
+
+    def option(fraction: float, loss: float) -> Option:
+        rank = space.rank_for(spec, "tucker2", fraction)
+        return Option("tucker2", rank, loss, space.cost_fraction_of(spec, "tucker2", rank) * spec.flops)
+
+    keep = Option("keep", None, 0.0, float(spec.flops))
+    for dear, cheap in ((option(0.5, 0.1), option(0.2, 0.4)), (keep, option(0.5, 0.1))):
+        between = ranks_between(runner, "conv", dear, cheap)
+        assert len(between) >= 2
+        costs = [dear.cost, *(o.cost for o in between), cheap.cost]
+        assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+        for o in between:
+            assert o.method == "tucker2" and isinstance(o.rank, tuple) and o.rank != cheap.rank
+            assert o.loss == pytest.approx(cheap.loss + (o.cost - cheap.cost) / (dear.cost - cheap.cost)
+                                           * (dear.loss - cheap.loss))
+    # nothing between two neighbouring ranks of the grid
+    assert ranks_between(runner, "conv", option(0.25, 0.2), option(0.2, 0.3)) == []
+
+
 @pytest.mark.parametrize("target", [0.3, 0.4, 0.7])
 def test_the_lagrangian_seed_spends_the_flop_budget(digits_mlp, target) -> None:
     """On this MLP the scored fractions alone left 11-17% of these budgets unspent (0.825, 0.891 and
