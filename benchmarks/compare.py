@@ -792,7 +792,8 @@ class Benchmark:
         ft_row.knob = (f"finetune_fn = this fine-tune, tried on {len(tuned)} verified plans "
                        f"({fine_tune_s:.0f} s): {'; '.join(f'trial {r.trial} val {r.score:.4f} -> {r.score_after:.4f}' for r in tuned)}")
 
-        self.trial_stats(stats, result.study, row.compress_s, base_ms, chosen=chosen)
+        self.trial_stats(stats, result.study, row.compress_s, base_ms, chosen=chosen,
+                         chosen_val=row.quality.val if row.quality is not None else math.nan)
         if row.latency is not None:
             stats.measured_ratio = row.latency.ratio
         if result.prediction_error and result.prediction_error.get("checks"):
@@ -851,8 +852,10 @@ class Benchmark:
         return plan, compressed, chosen
 
     @staticmethod
-    def trial_stats(stats: SearchStats, study: Any, total_s: float, base_ms: float, chosen: Any) -> None:
-        """Where the trials' time went, and the running best feasible score."""
+    def trial_stats(stats: SearchStats, study: Any, total_s: float, base_ms: float, chosen: Any,
+                    chosen_val: float = math.nan) -> None:
+        """Where the trials' time went, and the running best feasible score. ``chosen_val``: the
+        chosen plan's validation score as this benchmark measured it, for a plan its trial left unscored."""
         trials = study.trials
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         # the search's own timing of the original: its target and predictions are relative to it
@@ -881,7 +884,7 @@ class Benchmark:
                 kind = move if move in ("repair", "headroom") else "neighbour"
                 stats.best_origin += f" ({kind} of {frozen.user_attrs['neighbour_of']})"
             # a plan rechecked after a miss in its trial has no score there
-            stats.best_val = frozen.values[0] if frozen.values else math.nan
+            stats.best_val = frozen.values[0] if frozen.values else chosen_val
             predicted = frozen.user_attrs.get("predicted_latency_ms")
             if predicted is not None:
                 stats.predicted_ratio = predicted / base_ms

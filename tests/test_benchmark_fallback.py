@@ -198,3 +198,24 @@ def test_for_accuracy_only_the_items_the_two_models_disagree_on_count() -> None:
     # at least as good, or missing the target
     assert compare._verdict(True, _scores(right), _scores(ours_few)) == "yes"
     assert compare._verdict(False, _scores(right), _scores(ours_few)) == "**no** (misses)"
+
+
+def test_the_efficiency_table_shows_the_val_of_an_answer_its_trial_left_unscored() -> None:
+    """A repair whose trial timed it over the target is pruned there (no score) and can still be the
+    answer after its final check; the table then shows the benchmark's own validation score of it."""
+    import math
+
+    import optuna
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.6, 5.0], user_attrs={"seed": "seed:energy-fit"}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
+                                              user_attrs={"neighbour_of": 0, "move": "repair"}))
+    stats = compare.SearchStats("minilm", "batch 1", 0.7)
+    compare.Benchmark.trial_stats(stats, study, 10.0, 1.0, chosen=1, chosen_val=0.65)
+    assert stats.best_origin == "trial 1 (repair of 0)" and stats.best_val == 0.65
+    compare.Benchmark.trial_stats(stats, study, 10.0, 1.0, chosen=0, chosen_val=0.65)
+    assert stats.best_val == 0.6  # a scored trial keeps its own score
+    stats = compare.SearchStats("minilm", "batch 1", 0.7)
+    compare.Benchmark.trial_stats(stats, study, 10.0, 1.0, chosen=1)
+    assert math.isnan(stats.best_val)
