@@ -178,8 +178,15 @@ def _choices(picks: dict[str, Option]) -> Choices:
     return {name: (o.method, o.rank) for name, o in picks.items() if o.method != KEEP}  # type: ignore[misc]
 
 
-def threshold_choices(options: dict[str, list[Option]], fit: Fit) -> Choices | None:
-    """AIMET-style: the smallest shared loss at which every layer's cheapest option meets the budget."""
+def threshold_choices(options: dict[str, list[Option]], fit: Fit, finer: Finer | None = None) -> Choices | None:
+    """AIMET-style: the smallest shared loss at which every layer's cheapest option meets the budget.
+
+    ``finer`` (see :func:`lagrangian_choices`) adds the ranks between each layer's neighbouring
+    options on its cost-loss front, so that the shared loss moves each layer in small steps: with the
+    scored fractions alone, the tests' digits MLP kept plans 11-17% under FLOP budgets of 0.3-0.7.
+    """
+    if finer is not None:
+        options = {name: [*opts, *_front_fill(name, opts, finer)] for name, opts in options.items()}
     levels = sorted({o.loss for opts in options.values() for o in opts})
 
     def at(index: float) -> Choices:
@@ -189,6 +196,15 @@ def threshold_choices(options: dict[str, list[Option]], fit: Fit) -> Choices | N
 
     # the cost falls as the shared loss level rises: the highest level is the cheap end
     return fit(at, len(levels) - 1, 0, integer=True)
+
+
+def _front_fill(name: str, opts: list[Option], finer: Finer) -> list[Option]:
+    """The ranks between neighbouring options on a layer's front (each cheaper option there loses more)."""
+    front: list[Option] = []
+    for option in sorted(opts, key=lambda o: (o.cost, o.loss)):  # cheapest first
+        if not front or option.loss < front[-1].loss:
+            front.append(option)
+    return [o for cheap, dear in zip(front, front[1:]) for o in finer(name, dear, cheap)]
 
 
 def lagrangian_choices(options: dict[str, list[Option]], fit: Fit, finer: Finer | None = None) -> Choices | None:
@@ -355,7 +371,7 @@ def sensitivity_seeds(runner: TrialRunner, table: SensitivityTable) -> list[Seed
     seeds = []
     for origin, choices in (
             ("seed:sensitivity-lagrangian", lagrangian_choices(options, runner.fit, partial(ranks_between, runner))),
-            ("seed:sensitivity-threshold", threshold_choices(options, runner.fit))):
+            ("seed:sensitivity-threshold", threshold_choices(options, runner.fit, partial(ranks_between, runner)))):
         if choices:
             seeds.append(Seed(origin, choices))
     return seeds
