@@ -1016,36 +1016,6 @@ def test_the_lagrangian_seed_spends_the_flop_budget(digits_mlp, target) -> None:
     assert 0.93 * target * result.baseline.flops <= lagrangian.user_attrs["flops"] <= target * result.baseline.flops
 
 
-def test_the_threshold_seed_spends_the_flop_budget(digits_mlp) -> None:
-    """The same for AIMET's shared loss threshold: 0.863 of this budget with the scored fractions alone."""
-    model, data = digits_mlp
-    result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.7, n_trials=3, seed=0,
-                                 show_progress_bar=False, eval_fn=lambda m: accuracy(m, data.x_test, data.y_test))
-    threshold = next(t for t in result.study.trials if t.user_attrs.get("seed") == "seed:sensitivity-threshold")
-    assert 0.93 * 0.7 * result.baseline.flops <= threshold.user_attrs["flops"] <= 0.7 * result.baseline.flops
-
-
-def test_the_shared_loss_threshold_moves_each_layer_through_the_ranks_between_scored_ones() -> None:
-    """AIMET's shared loss level, with the ranks between each layer's scored options (losses on the
-    line between them): the level moves one layer a step at a time, and the fit stops nearer the budget."""
-    from ranksearch.sensitivity import Option, threshold_choices
-
-    options = {"a": [Option("keep", None, 0.0, 10.0), Option("svd", 8, 0.2, 8.0), Option("svd", 2, 0.8, 2.0)],
-               "b": [Option("keep", None, 0.0, 10.0), Option("svd", 8, 0.1, 8.0), Option("svd", 2, 0.9, 2.0)]}
-
-    def finer(name: str, dear: Option, cheap: Option) -> list[Option]:
-        top = int(dear.cost) - 1 if dear.method != "keep" else 9
-        return [Option("svd", r, cheap.loss + (r - cheap.cost) / (dear.cost - cheap.cost) * (dear.loss - cheap.loss),
-                       float(r)) for r in range(top, int(cheap.cost), -1)]
-
-    fit, register = _analytic_fit(budget=12.0)
-    register(options)
-    register({name: [o for d, c in zip(opts, opts[1:]) for o in finer(name, d, c)] for name, opts in options.items()})
-    # coarse: both at rank 8 (16) miss; the next level (0.8) takes a to rank 2 (10), 2 under the budget
-    assert threshold_choices(options, fit) == {"a": ("svd", 2), "b": ("svd", 8)}
-    # fine: at the shared loss 0.4 a is at rank 6 (0.4) and b at rank 6 (0.37): 12, the whole budget
-    assert threshold_choices(options, fit, finer) == {"a": ("svd", 6), "b": ("svd", 6)}
-
 
 def test_the_least_loss_cut_lowers_the_ranks_the_sensitivity_table_says_cost_least() -> None:
     from types import SimpleNamespace
