@@ -1016,7 +1016,6 @@ def test_the_lagrangian_seed_spends_the_flop_budget(digits_mlp, target) -> None:
     assert 0.93 * target * result.baseline.flops <= lagrangian.user_attrs["flops"] <= target * result.baseline.flops
 
 
-
 def test_the_least_loss_cut_lowers_the_ranks_the_sensitivity_table_says_cost_least() -> None:
     from types import SimpleNamespace
 
