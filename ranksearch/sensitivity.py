@@ -268,17 +268,16 @@ def ranks_between(runner: TrialRunner, name: str, dear: Option, cheap: Option) -
     between ``cheap``'s and ``dear``'s, dearest first; their losses on the line between the two (the
     table did not score them: where a layer's loss is convex in its cost the line overstates it,
     elsewhere it can understate it - the search's trials score the plans that come out)."""
-    cand = next(c for c in runner.searchable if c.spec.name == name)
-    space, method = runner.space, cheap.method
-    low = space.cost_fraction_of(cand.spec, method, cheap.rank)  # type: ignore[arg-type]
-    high = space.cost_fraction_of(cand.spec, method, dear.rank) if dear.method == method else 1.0  # type: ignore[arg-type]
+    spec, space, method = runner.workbench.specs[name], runner.space, cheap.method
+    low = space.cost_fraction_of(spec, method, cheap.rank)  # type: ignore[arg-type]
+    high = space.cost_fraction_of(spec, method, dear.rank) if dear.method == method else 1.0  # type: ignore[arg-type]
     steps = math.floor((min(high, space.cost_fraction_high) - space.cost_fraction_low) / space.cost_fraction_step + 1e-9)
     between: list[Option] = []
     for k in range(steps, -1, -1):  # dearest first
         fraction = round(space.cost_fraction_low + k * space.cost_fraction_step, 10)
         if not low < fraction < high:
             continue
-        rank = space.rank_for(cand.spec, method, fraction)
+        rank = space.rank_for(spec, method, fraction)
         if rank is None or rank in (cheap.rank, dear.rank) or any(rank == o.rank for o in between):
             continue
         cost = _layer_cost(runner, name, method, rank)
