@@ -271,10 +271,8 @@ def ranks_between(runner: TrialRunner, name: str, dear: Option, cheap: Option) -
     spec, space, method = runner.workbench.specs[name], runner.space, cheap.method
     low = space.cost_fraction_of(spec, method, cheap.rank)  # type: ignore[arg-type]
     high = space.cost_fraction_of(spec, method, dear.rank) if dear.method == method else 1.0  # type: ignore[arg-type]
-    steps = math.floor((min(high, space.cost_fraction_high) - space.cost_fraction_low) / space.cost_fraction_step + 1e-9)
     between: list[Option] = []
-    for k in range(steps, -1, -1):  # dearest first
-        fraction = round(space.cost_fraction_low + k * space.cost_fraction_step, 10)
+    for fraction in reversed(space.grid()):  # dearest first
         if not low < fraction < high:
             continue
         rank = space.rank_for(spec, method, fraction)

@@ -200,6 +200,12 @@ class SearchSpace:
             result.append(LayerCandidates(spec=spec, methods=tuple(allowed), notes=tuple(notes)))
         return result
 
+    def grid(self) -> list[float]:
+        """The cost fractions a trial can sample, ``cost_fraction_low`` to ``cost_fraction_high`` by
+        ``cost_fraction_step``, cheapest first."""
+        steps = math.floor((self.cost_fraction_high - self.cost_fraction_low) / self.cost_fraction_step + 1e-9)
+        return [round(self.cost_fraction_low + k * self.cost_fraction_step, 10) for k in range(steps + 1)]
+
     def snap(self, cost_fraction: float) -> float:
         """The nearest cost fraction on the space's grid."""
         steps = round((cost_fraction - self.cost_fraction_low) / self.cost_fraction_step)
@@ -232,7 +238,6 @@ class SearchSpace:
         methods with no rank that saves anything are left out."""
         ranks = ((method, self.rank_for(cand.spec, method, self.cost_fraction_low)) for method in cand.methods)
         return [(method, rank) for method, rank in ranks if rank is not None]
-
 
     @staticmethod
     def cost_fraction_of(spec: LayerSpec, method_name: str, rank: Rank) -> float:
