@@ -109,7 +109,7 @@ def tightened_choices(choices: Choices, searchable: Sequence[LayerCandidates], s
 
     The plan keeps its shape - which layers are compressed, by which method, and how the budget is
     shared between them - so its quality falls about as little as the cut: the repair for a plan that
-    misses its latency target by a few percent (see ``ranksearch.search``).
+    misses its latency target by a few percent (see ``ranksearch.final_checks``).
     """
     by_name = {c.spec.name: c for c in searchable}
     fractions = {name: space.cost_fraction_of(by_name[name].spec, method, rank)

@@ -294,7 +294,7 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     move that adds the least loss per unit of cost saved first. A layer's loss at a rank is
     interpolated between the ranks the table scored, by cost. A layer the plan keeps can be
     compressed too, stepping down the ranks the table scored for it. This is the repair for a plan
-    that misses its latency target by a few percent (``ranksearch.search``), beside the uniform cut
+    that misses its latency target by a few percent (``ranksearch.final_checks``), beside the uniform cut
     of ``ranksearch.neighbours.tightened_choices``, which takes as much from the layers that
     tolerate nothing as from those that tolerate a lot.
 

@@ -91,7 +91,7 @@ def plan_of(trial: optuna.trial.FrozenTrial, fingerprint: dict[str, Any]) -> Com
 
 
 def pareto_points(study: optuna.Study, fingerprint: dict[str, Any]) -> list[ParetoPoint]:
-    checks = study.user_attrs.get("final_checks", {})  # trial number (str) -> ms, see search._finish
+    checks = study.user_attrs.get("final_checks", {})  # trial number (str) -> ms, see final_checks.pick_answer
     points = []
     for trial in study.best_trials:
         if not is_feasible(trial):

@@ -12,7 +12,7 @@ from torch import nn
 import ranksearch
 from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.report import write_report
-from ranksearch.search import _distinct_plans
+from ranksearch.final_checks import _distinct_plans
 from examples.digits import accuracy, load_digits_tensors
 
 
@@ -116,15 +116,15 @@ def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> Non
 
 
 def test_further_candidates_come_from_other_lineages_first(digits_mlp, monkeypatch) -> None:
-    import ranksearch.search
+    import ranksearch.final_checks
 
     model, data = digits_mlp
     plain = _search(model, data, finetune_fn=_fine_tune(data), finetune_candidates=3).fine_tuned
     assert plain is not None and len(plain) == 3
     best, second = plain[0].trial, plain[1].trial
     # the same search, with the second plan made a descendant of the best (as a neighbour would be)
-    lineage = ranksearch.search._lineage
-    monkeypatch.setattr(ranksearch.search, "_lineage",
+    lineage = ranksearch.final_checks._lineage
+    monkeypatch.setattr(ranksearch.final_checks, "_lineage",
                         lambda t, by_number: best if t.number == second else lineage(t, by_number))
     records = _search(model, data, finetune_fn=_fine_tune(data), finetune_candidates=3).fine_tuned
     assert records is not None and len(records) == 3
@@ -157,7 +157,7 @@ def test_the_best_uniform_seed_fitted_to_the_budget_is_fine_tuned_after_the_ener
 
 
 def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
-    from ranksearch.search import _fine_tune_order, _lineage
+    from ranksearch.final_checks import _fine_tune_order, _lineage
 
     def trial(number: int, parent: int | None = None, seed: str | None = None) -> optuna.trial.FrozenTrial:
         attrs = {} if parent is None else {"neighbour_of": parent, "move": "exchange"}

@@ -465,7 +465,7 @@ def test_the_noise_band_spans_the_originals_timings_over_the_last_minute(monkeyp
 
 
 def test_a_candidate_is_skipped_on_its_own_trial_timing_not_on_the_predictors_estimate() -> None:
-    from ranksearch.search import _expected_check_ms
+    from ranksearch.final_checks import _expected_check_ms
 
     def timed(number: int, trial_ms: float | None) -> optuna.trial.FrozenTrial:
         made = optuna.trial.create_trial(values=[0.5, 1.0], user_attrs={} if trial_ms is None else
@@ -522,15 +522,15 @@ def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:
 
 def _when_the_trials_end(monkeypatch, state: dict, key: str, value) -> None:
     """Set ``state[key] = value`` when the search's trials end and its final checks begin."""
-    import ranksearch.search
+    import ranksearch.final_checks
 
-    finish = ranksearch.search._finish
+    finish = ranksearch.final_checks.pick_answer
 
     def switched(*args, **kwargs):
         state[key] = value
         return finish(*args, **kwargs)
 
-    monkeypatch.setattr(ranksearch.search, "_finish", switched)
+    monkeypatch.setattr(ranksearch.final_checks, "pick_answer", switched)
 
 
 def _after_the_reach_check(monkeypatch, state: dict, key: str, value) -> None:
@@ -562,7 +562,7 @@ def _slower_once_the_trials_end(monkeypatch, model: nn.Module, x: torch.Tensor):
 
 
 def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_mlp, monkeypatch) -> None:
-    import ranksearch.search
+    import ranksearch.final_checks
 
     model, data = digits_mlp
     x = data.x_test[:16]
@@ -585,7 +585,7 @@ def test_plans_timed_in_a_slow_spell_are_checked_again_before_giving_up(digits_m
     chosen = trials[result.plan.metadata["trial"]]
     assert chosen.constraints["latency"] > 0  # a plan the trials had ruled out on its (slow) latency
 
-    monkeypatch.setattr(ranksearch.search, "_RECHECKS", 0)  # without the second look: nothing met the target
+    monkeypatch.setattr(ranksearch.final_checks, "_RECHECKS", 0)  # without the second look: nothing met the target
     with pytest.raises(ranksearch.TargetUnreachableError):
         ranksearch.optimize(model, x, **kwargs)
 
@@ -695,6 +695,7 @@ def test_a_slow_spell_while_the_reach_is_checked_does_not_end_the_search(digits_
 
 
 def test_the_final_checks_rounds_are_timed_with_one_attempt_each(digits_mlp, monkeypatch) -> None:
+    import ranksearch.final_checks
     import ranksearch.search
 
     model, data = digits_mlp
@@ -709,7 +710,7 @@ def test_the_final_checks_rounds_are_timed_with_one_attempt_each(digits_mlp, mon
         return measure_latency(*args, max_attempts=max_attempts, **kwargs)
 
     monkeypatch.setattr(ranksearch.search, "measure_latency", recorded)
-    monkeypatch.setattr(ranksearch.search, "_HEADROOM", 0.0)  # no spare cut: its trial would time after the checks
+    monkeypatch.setattr(ranksearch.final_checks, "_HEADROOM", 0.0)  # no spare cut: its trial would time after the checks
     ranksearch.optimize(model, x, target_latency_ratio=0.5, latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6,
                         n_trials=6, seed=0, show_progress_bar=False, sensitivity=False)
     # the final check: rounds of (original, plan), one attempt each; the median over rounds discounts a noisy one
@@ -719,7 +720,7 @@ def test_the_final_checks_rounds_are_timed_with_one_attempt_each(digits_mlp, mon
 
 
 def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, monkeypatch) -> None:
-    import ranksearch.search
+    import ranksearch.final_checks
 
     model, data = digits_mlp
     x = data.x_test[:16]
@@ -744,14 +745,14 @@ def test_a_best_plan_that_just_misses_the_final_check_is_cut_to_fit(digits_mlp, 
     assert all(p.checked_latency_ms is None for p in result.pareto if p.trial not in (parent.number, chosen.number))
 
     final_phase["on"] = False
-    monkeypatch.setattr(ranksearch.search, "_REPAIRS", 0)  # without the repair: a plan the trials ranked lower
+    monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)  # without the repair: a plan the trials ranked lower
     unrepaired = ranksearch.optimize(model, x, **kwargs)
     assert len(unrepaired.study.trials) == 10
     assert unrepaired.final.score < result.final.score
 
 
 def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(digits_mlp, monkeypatch) -> None:
-    import ranksearch.search
+    import ranksearch.final_checks
 
     model, data = digits_mlp
     x = data.x_test[:16]
@@ -772,7 +773,7 @@ def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(d
     assert [p.trial for p in result.headroom_spares()] == [p.trial for p in result.pareto if p in on_front]
     assert all(p.spare_for is None for p in result.pareto if p not in on_front)
 
-    monkeypatch.setattr(ranksearch.search, "_HEADROOM", 0.0)  # no spare: the same answer, and no extra trial
+    monkeypatch.setattr(ranksearch.final_checks, "_HEADROOM", 0.0)  # no spare: the same answer, and no extra trial
     plain = ranksearch.optimize(model, x, **kwargs)
     assert len(plain.study.trials) == len(result.study.trials) - len(spares)
     assert plain.plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
@@ -782,7 +783,7 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
     """After a first check 8% over its trial's timing (one slow moment), the next plans are expected
     8% over theirs: the next two best, 3-4% under the target in their trials, 1-3% over the limit.
     They are checked (and the first passes) instead of skipped for a plan far under the target."""
-    import ranksearch.search
+    import ranksearch.final_checks
 
     model, data = digits_mlp
     x = data.x_test[:16]
@@ -796,7 +797,7 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
         return flops / 1e6 * (1.08 if state["final"] and flops == state["slow_flops"] else 1.0)
 
     _when_the_trials_end(monkeypatch, state, "final", True)
-    monkeypatch.setattr(ranksearch.search, "_REPAIRS", 0)  # the miss is not cut to fit: the next plans decide
+    monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)  # the miss is not cut to fit: the next plans decide
     kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
                   show_progress_bar=False, sensitivity=False)
     result = ranksearch.optimize(model, x, **kwargs)
@@ -809,7 +810,7 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
     assert result.plan.metadata["trial"] == second.number
 
     state.update(final=False, slow_flops=None)
-    monkeypatch.setattr(ranksearch.search, "_CHECK_SCATTER", 0.0)  # any expected miss skipped
+    monkeypatch.setattr(ranksearch.final_checks, "_CHECK_SCATTER", 0.0)  # any expected miss skipped
     skipping = ranksearch.optimize(model, x, **kwargs)
     assert skipping.plan.metadata["trial"] not in (second.number, third.number)
     assert set(skipping.study.user_attrs["final_checks"]) == {str(best.number), str(skipping.plan.metadata["trial"])}
@@ -850,7 +851,7 @@ def test_a_repair_its_own_trial_timing_rules_out_is_still_checked(digits_mlp, mo
 def test_a_repair_is_checked_in_its_turn_by_score() -> None:
     from types import SimpleNamespace
 
-    from ranksearch.search import _place_by_score
+    from ranksearch.final_checks import _place_by_score
 
     def trial(score):
         return SimpleNamespace(values=None if score is None else [score, 1.0])
