@@ -27,7 +27,7 @@ from .plan import KEEP, CompressionPlan
 from .rebuild import apply_plan
 from .result import ModelStats, SearchResult
 from .sensitivity import SensitivityTable, least_loss_cut
-from .study import best_feasible, is_feasible, pareto_points, plan_of, quiet_optuna
+from .study import HEADROOM_MOVE, REPAIR_MOVE, best_feasible, is_feasible, pareto_points, plan_of, quiet_optuna
 from .targets import Targets
 from .trials import TrialRunner
 from .warmstart import ENERGY_FIT_SEED, Seed, is_uniform_fit
@@ -82,7 +82,7 @@ def _missed_latency_only(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.FrozenTrial, measured_ms: float,
-            sensitivity: SensitivityTable | None, move: str = "repair") -> list[optuna.trial.FrozenTrial]:
+            sensitivity: SensitivityTable | None, move: str = REPAIR_MOVE) -> list[optuna.trial.FrozenTrial]:
     """``trial``'s plan cut to meet the latency target as if it took ``measured_ms`` (its final check's
     measurement; more, for a spare under the target), each cut run as one more trial of the study
     (``neighbour_of`` the plan, ``move``); none when no cut fits.
@@ -129,7 +129,7 @@ def _headroom_cut(study: optuna.Study, search: TrialRunner, trial: optuna.trial.
     """
     if target_ms is None or search.predictor is None or verified_ms < target_ms * (1 - _HEADROOM):
         return
-    _repair(study, search, trial, verified_ms * (1 + _HEADROOM), sensitivity, move="headroom")
+    _repair(study, search, trial, verified_ms * (1 + _HEADROOM), sensitivity, move=HEADROOM_MOVE)
 
 
 def _lineage(trial: optuna.trial.FrozenTrial, by_number: dict[int, optuna.trial.FrozenTrial]) -> int:
@@ -296,7 +296,7 @@ def pick_answer(
                 _fine_tune_order(queue, {_lineage(t, by_number) for t, *_ in verified}, by_number)
             trial = queue.pop(0)
             if (skip_predicted_misses and search.predictor is not None and checked and limit is not None
-                    and trial.user_attrs.get("move") != "repair"):
+                    and trial.user_attrs.get("move") != REPAIR_MOVE):
                 expected_ms = _expected_check_ms(trial, checked,
                                                  lambda t: search.predictor.predict(plan_of(t, search.fingerprint)))
                 if expected_ms > limit * (1 + _CHECK_SCATTER):

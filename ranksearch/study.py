@@ -38,6 +38,10 @@ def open_storage(storage: Any) -> Any:
 
 
 STUDY_KEY = "ranksearch"
+# the ``move`` user attribute of the trials the final checks add: a near miss cut to fit, and an
+# answer's spare cut under the target (``ranksearch.final_checks``; the Pareto front marks spares)
+REPAIR_MOVE = "repair"
+HEADROOM_MOVE = "headroom"
 
 
 def open_study(
@@ -102,6 +106,6 @@ def pareto_points(study: optuna.Study, fingerprint: dict[str, Any]) -> list[Pare
             measured_latency_ms=trial.user_attrs.get("measured_latency_ms"),
             flops=int(trial.user_attrs["flops"]), params=int(trial.user_attrs["params"]),
             checked_latency_ms=checks.get(str(trial.number)),
-            spare_for=trial.user_attrs.get("neighbour_of") if trial.user_attrs.get("move") == "headroom" else None,
+            spare_for=trial.user_attrs.get("neighbour_of") if trial.user_attrs.get("move") == HEADROOM_MOVE else None,
         ))
     return sorted(points, key=lambda p: -p.score)
