@@ -100,6 +100,7 @@ from ranksearch import SearchSpace
 from ranksearch.cost import TimingProcess, count_flops, count_params, measure_latency
 from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.space import LayerCandidates
+from ranksearch.study import HEADROOM_MOVE, REPAIR_MOVE
 
 RESULTS_MD = HERE / "RESULTS.md"
 FIGURE = HERE / "results" / "quality_vs_latency.png"
@@ -881,7 +882,7 @@ class Benchmark:
             stats.best_origin = frozen.user_attrs.get("seed", f"trial {chosen}")
             if "neighbour_of" in frozen.user_attrs:
                 move = frozen.user_attrs.get("move")
-                kind = move if move in ("repair", "headroom") else "neighbour"
+                kind = move if move in (REPAIR_MOVE, HEADROOM_MOVE) else "neighbour"
                 stats.best_origin += f" ({kind} of {frozen.user_attrs['neighbour_of']})"
             # a plan rechecked after a miss in its trial has no score there
             stats.best_val = frozen.values[0] if frozen.values else chosen_val
