@@ -48,7 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import final_checks
-from .cost import LatencyPredictor, LatencyTable, TimingProcess, count_flops, count_params, measure_latency
+from .cost import (LatencyPredictor, LatencyRatio, LatencyTable, TimingProcess, count_flops, count_params,
+                   measure_latency, measure_ratio)
 from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
@@ -254,6 +255,10 @@ def optimize(
             return measure_latency(m, inputs, torch_device, latency_fn=latency_fn, threads=threads, clock=latency_clock,
                                    max_attempts=max_attempts, timing_process=worker)
 
+        def measure_pair(first: nn.Module, second: nn.Module, seconds: float, chunks: int) -> LatencyRatio:
+            return measure_ratio(first, second, inputs, torch_device, threads=threads, clock=latency_clock,
+                                 seconds=seconds, chunks=chunks, timing_process=worker)
+
         batches = calibration_batches(inputs, calib_data)
         batches = [_move(b, torch_device) for b in batches]
         scorer = None if eval_fn is not None else FidelityScorer(reference, batches)
@@ -308,6 +313,7 @@ def optimize(
             reference=reference, inputs=inputs, candidates=candidates, space=space, targets=targets, baseline=baseline,
             eval_fn=eval_fn, scorer=scorer, predictor=predictor, measure=measure,
             measure_round=lambda m: measure(m, max_attempts=1), fingerprint=fingerprint,
+            measure_pair=measure_pair if latency_fn is None else None,
             latency_check_every=latency_check_every,
         )
         table = None
@@ -451,7 +457,7 @@ def _check_latency_reachable(search: TrialRunner, targets: Targets, tolerance: f
         return None
     plan = search.make_plan(choices, "fastest")
     model = search.workbench.apply(plan)
-    fastest_ms = search.measure(model).ms / search.drift()
+    fastest_ms, _, _ = search.latency_now(model)
     if fastest_ms > limit:
         fastest_ms, _ = search.verified_latency(model, rounds=3, limit_ms=limit)
     search.workbench.apply(search.make_plan({}, "fastest"))  # the working copy back to the original

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from torch import nn
 
-from .cost import LatencyPredictor
+from .cost import LatencyPredictor, LatencyRatio
 from .exceptions import EvaluationError
 from .fitting import Choices, choices_key, fit_to_budget
 from .plan import KEEP, CompressionPlan, LayerChoice
@@ -52,6 +52,10 @@ _NOISE_WINDOW_S = 60.0
 _SURPRISE = 0.25
 # How far the secant of calibrated_fits may tilt from the prediction scaled to a measurement (a factor).
 _SLOPE_RANGE = 2.0
+# Seconds of alternating blocks (``measure_ratio``) per round of a final check, and for one timing
+# beside the original: a round of two separate timings took about 0.3 s.
+_PAIRED_ROUND_S = 0.2
+_BESIDE_ORIGINAL_S = 0.4
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -69,6 +73,7 @@ class TrialRunner:
         scorer: FidelityScorer | None, predictor: LatencyPredictor | None, measure: Callable[[nn.Module], Any],
         fingerprint: dict[str, Any], latency_check_every: int,
         measure_round: Callable[[nn.Module], Any] | None = None,
+        measure_pair: Callable[[nn.Module, nn.Module, float, int], LatencyRatio] | None = None,
     ) -> None:
         self.reference = reference
         self.inputs = inputs
@@ -84,6 +89,9 @@ class TrialRunner:
         self.measure = measure
         # one round of the final check: a single attempt (see verified_latency)
         self.measure_round = measure_round if measure_round is not None else measure
+        # ``(reference, model, seconds, chunks) -> LatencyRatio``, the two timed in alternating blocks;
+        # None where they cannot be (a latency_fn): then each is timed on its own, one after the other
+        self.measure_pair = measure_pair
         self.fingerprint = fingerprint
         self.latency_check_every = latency_check_every
         self.workbench = ModelWorkbench(reference, [c.spec for c in self.searchable])
@@ -249,11 +257,12 @@ class TrialRunner:
 
     def measured_latency(self, plan: CompressionPlan, model: nn.Module | None = None, *,
                          expected_ms: float | None = None) -> float:
-        """The whole model's latency under ``plan``, measured once per distinct plan and corrected for
-        the machine's drift (:meth:`drift`); each new measurement also calibrates the predictor.
+        """The whole model's latency under ``plan`` as at the search's start, measured once per distinct
+        plan (:meth:`latency_now`: beside the original, or corrected for the machine's drift); each new
+        measurement also calibrates the predictor.
 
         A measurement within its noise of the latency target cannot say on which side the plan is:
-        it is measured again right after a fresh timing of the original (:meth:`_beside_original`).
+        it is measured again beside the original (:meth:`_beside_original`).
         When the two agree on the side, their mean counts; when they do not, a third timing beside
         the original is taken and the median of the three decides. Those are the plans the search
         wants most, right at the budget. The noise is the larger of twice the measurement's own
@@ -277,11 +286,9 @@ class TrialRunner:
         if key not in self._measured:
             if model is None:
                 model = self.workbench.apply(plan)
-            first = self.measure(model)
-            drift = self.drift()
-            ms = first.ms / drift
+            ms, spread, how = self.latency_now(model)
             target = self.targets.latency_ms
-            noise = max(2 * first.spread, self.timing_noise(), _NEAR_TARGET)
+            noise = max(2 * spread, self.timing_noise(), _NEAR_TARGET)
             if target is not None and abs(ms - target) / target < noise:
                 timings = [ms, self._beside_original(model)]
                 if (timings[0] <= target) == (timings[1] <= target):
@@ -289,23 +296,36 @@ class TrialRunner:
                 else:  # they disagree on the side: a third timing decides
                     timings.append(self._beside_original(model))
                     ms = statistics.median(timings)
-                timing_log.debug("close call: %.3f ms scaled by drift %.3f; %s ms beside the original; %.3f ms against "
-                                 "the %.3f ms target", timings[0], drift, " and ".join(f"{t:.3f}" for t in timings[1:]),
-                                 ms, target)
+                timing_log.debug("close call: %.3f ms %s; %s ms beside the original; %.3f ms against the %.3f ms "
+                                 "target", timings[0], how, " and ".join(f"{t:.3f}" for t in timings[1:]), ms, target)
             elif (target is not None and expected_ms is not None and ms > target
                   and target >= expected_ms and ms > expected_ms * (1 + _SURPRISE)):
                 timings = self._with_two_more(ms, model)
                 ms = statistics.median(timings)
-                timing_log.debug("surprise: %.3f ms scaled by drift %.3f, expected about %.3f ms; %s ms beside the "
-                                 "original; %.3f ms against the %.3f ms target", timings[0], drift, expected_ms,
+                timing_log.debug("surprise: %.3f ms %s, expected about %.3f ms; %s ms beside the original; %.3f ms "
+                                 "against the %.3f ms target", timings[0], how, expected_ms,
                                  " and ".join(f"{t:.3f}" for t in timings[1:]), ms, target)
             else:
-                timing_log.debug("%.3f ms scaled by drift %.3f against %s", ms, drift,
+                timing_log.debug("%.3f ms %s against %s", ms, how,
                                  "no latency target" if target is None else f"the {target:.3f} ms target")
             self._measured[key] = ms
             if self.predictor is not None:
                 self.predictor.record(plan, ms)
         return self._measured[key]
+
+    def latency_now(self, model: nn.Module) -> tuple[float, float, str]:
+        """One timing of ``model`` as a latency at the search's start: ``(ms, spread, how)``.
+
+        Timed beside the original in alternating blocks where the two can be (``measure_pair``; the
+        spread is then that of the two halves' ratios), else alone and divided by the machine's
+        :meth:`drift` (the spread of its blocks). ``how`` says which, for the timing log.
+        """
+        if self.measure_pair is not None:
+            paired = self.measure_pair(self.reference, model, _BESIDE_ORIGINAL_S, 2)
+            return paired.ratio * self.baseline.latency_ms, paired.spread, f"beside the original ({paired.ratio:.3f})"
+        first = self.measure(model)
+        drift = self.drift()
+        return first.ms / drift, first.spread, f"scaled by drift {drift:.3f}"
 
     def second_look(self, plan: CompressionPlan) -> float:
         """``plan``'s latency timed twice more beside the original, the median of those and its first
@@ -330,15 +350,22 @@ class TrialRunner:
         return [first_ms, self._beside_original(model), self._beside_original(model)]
 
     def _beside_original(self, model: nn.Module) -> float:
-        """The model timed right after the original, as a latency at the search's start: its ratio to
-        that fresh timing of the original times the original's first latency.
+        """The model timed beside the original, as a latency at the search's start: its ratio to the
+        original's timing then, times the original's first latency.
 
-        A ratio of two timings seconds apart needs no estimate of the drift. :meth:`drift` is the
+        Where the two can be timed in alternating blocks (``measure_pair``: any device but a
+        ``latency_fn``), they are, and the ratio holds even on a machine whose speed swings within a
+        second. Otherwise the original is timed (a timing that counts for :meth:`drift` too), then the
+        model.
+
+        A ratio of two timings taken together needs no estimate of the drift. :meth:`drift` is the
         median of the original's last three timings; when two of them fell in one slow spell, every
         plan measured until they are outvoted is scaled down by that spell. (MiniLM at batch 1 in
         the benchmark: seeds timed at 0.68-0.70 of the original in their trials measured 0.80 in the
-        final check.) The original's timing counts for :meth:`drift` too.
+        final check.)
         """
+        if self.measure_pair is not None:  # both in the same moments, block by block
+            return self.latency_now(model)[0]
         self.retime_original()
         return self.measure(model).ms / self._original_timings[-1][1] * self.baseline.latency_ms
 
@@ -394,24 +421,33 @@ class TrialRunner:
         they are on little better than a coin (rounds a minute apart differ by several percent on a
         shared CPU).
 
-        Each round is timed with ``measure_round``: one attempt, where a single measurement retries
-        (up to three attempts) while its spread is high. The median over rounds already discounts a
-        noisy round, and on a busy machine the retries would multiply the time of the checks, the
-        largest part of a search's time outside its trials.
+        With ``measure_pair`` the two are timed in alternating blocks of about 10 ms for
+        ``_PAIRED_ROUND_S`` per round, and the rounds are consecutive parts of those pairs: on a
+        2-core cloud CPU whose speed swings by 20% within a second, ratios so timed scattered a third
+        as much as those of separate timings, in less time (``ranksearch.cost.measure_ratio``). Without
+        it (a ``latency_fn``), each round times the original, then the model, with ``measure_round``:
+        one attempt, where a single measurement retries (up to three attempts) while its spread is
+        high. The median over rounds already discounts a noisy round, and on a busy machine the retries
+        would multiply the time of the checks, the largest part of a search's time outside its trials.
         """
 
-        def timed(count: int) -> list[float]:
+        def timed(count: int) -> tuple[float, list[float], int]:
+            """(ratio, per-round ratios, weight) of ``count`` rounds"""
+            if self.measure_pair is not None:
+                paired = self.measure_pair(self.reference, model, count * _PAIRED_ROUND_S, count)
+                return paired.ratio, list(paired.chunk_ratios), paired.pairs
             ratios = []
             for _ in range(count):
                 original = self.measure_round(self.reference).ms
                 ratios.append(self.measure_round(model).ms / original)
-            return ratios
+            return statistics.median(ratios), ratios, count
 
-        ratios = timed(rounds)
-        ratio = statistics.median(ratios)
+        ratio, ratios, weight = timed(rounds)
         if limit_ms is not None and min(ratios) <= limit_ms / self.baseline.latency_ms <= max(ratios):
-            ratios += timed(rounds)
-            ratio = statistics.median(ratios)
+            again, more_ratios, more_weight = timed(rounds)
+            ratios += more_ratios
+            ratio = ((ratio * weight + again * more_weight) / (weight + more_weight) if self.measure_pair is not None
+                     else statistics.median(ratios))  # paired: two ratios weighed by their pairs
         return ratio * self.baseline.latency_ms, (max(ratios) - min(ratios)) / ratio
 
     def prune_margin(self) -> float:
@@ -430,9 +466,10 @@ class TrialRunner:
         from .sensitivity import sensitivity_seeds  # imports this module's TrialRunner for typing
 
         started = time.perf_counter()
-        if self.predictor is not None and self.latency_check_every:
+        if self.predictor is not None and self.latency_check_every and self.measure_pair is None:
             # seeds are fitted on measurements cached for the whole search: scale them by fresh timings
-            # of the original, not by the first one alone (a slow moment then would skew every seed)
+            # of the original, not by the first one alone (a slow moment then would skew every seed);
+            # timings beside the original need no scaling
             self.retime_original(times=2)
         heuristic = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
         fitted = fitted_seeds(self.reference, self.searchable, self.space, self.fit)
@@ -560,7 +597,7 @@ class TrialRunner:
             if not choices:
                 continue
             plan = self.make_plan(choices, "calibration")
-            measured = self.measure(self.workbench.apply(plan)).ms / self.drift()
+            measured, _, _ = self.latency_now(self.workbench.apply(plan))
             log.debug("calibration plan at cost fraction %.2f: predicted %.3f ms, measured %.3f ms",
                       fraction, self.predictor.predict(plan), measured)
             self.predictor.record(plan, measured)

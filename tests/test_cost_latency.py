@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ranksearch.cost import LatencyMeasurement, measure_latency
+from ranksearch.cost import LatencyMeasurement, measure_latency, measure_ratio
 from ranksearch.cost.latency import resolve_device
 from ranksearch.exceptions import DeviceUnavailableError, EvaluationError, InvalidInputsError
 
@@ -185,3 +185,75 @@ def test_bad_options_raise(option: dict[str, object]) -> None:
 def test_model_rejecting_inputs_raises_invalid_inputs() -> None:
     with pytest.raises(InvalidInputsError, match="rejected the example inputs"):
         measure_latency(nn.Linear(2, 2), torch.zeros(1, 5), min_run_time=0.01)
+
+
+# --- measure_ratio --------------------------------------------------------------------------------
+
+
+class MachineClock(FakeClock):
+    """A machine whose speed changes as it runs: each model's call takes its own base duration times the
+    machine's slowdown at that call (``slowdown(calls so far, of either model)``)."""
+
+    def __init__(self, slowdown: Callable[[int], float]) -> None:
+        super().__init__(iter(()))
+        self.calls, self.slowdown = 0, slowdown
+
+    def run(self, base: float) -> None:
+        self.now += base * self.slowdown(self.calls)
+        self.calls += 1
+
+
+class MachineModel(FakeModel):
+    def __init__(self, clock: MachineClock, base: float, name: str = "") -> None:
+        super().__init__(clock)
+        self.base, self.name = base, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.run(self.base)  # type: ignore[attr-defined]
+        self.seen.add((self.training, torch.is_inference_mode_enabled(), torch.get_num_threads()))
+        return x
+
+
+@pytest.mark.parametrize("slowdown", [
+    lambda calls: 3.0 if (calls // 7) % 2 else 1.0,  # swings 3x every 7 calls
+    lambda calls: 1.0 + calls / 100,  # slows down steadily
+], ids=["swinging", "slowing"])
+def test_measure_ratio_cancels_a_machine_whose_speed_changes(slowdown: Callable[[int], float]) -> None:
+    clock = MachineClock(slowdown)
+    reference, model = MachineModel(clock, 1.0), MachineModel(clock, 0.5)
+    paired = measure_ratio(reference, model, torch.zeros(1, 2), clock=clock, seconds=0.05, chunks=5, threads=1)
+    # the two blocks of a pair run in (nearly) the same moment of the machine: their ratio is the models'
+    assert paired.ratio == pytest.approx(0.5, rel=0.02)
+    assert len(paired.chunk_ratios) == 5 and paired.pairs >= 10
+    assert paired.low <= paired.ratio <= paired.high
+    assert paired.spread == pytest.approx((paired.high - paired.low) / paired.ratio)
+
+
+def test_measure_ratio_alternates_which_model_goes_first_and_restores_modes() -> None:
+    order: list[str] = []
+    clock = MachineClock(lambda calls: 1.0)
+
+    class Logged(MachineModel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.name)
+            return super().forward(x)
+
+    reference, model = Logged(clock, 0.002, "a").train(), Logged(clock, 0.002, "b").train()
+    paired = measure_ratio(reference, model, torch.zeros(1, 2), clock=clock, seconds=0.01, chunks=2, threads=1)
+    assert paired.ratio == pytest.approx(1.0) and paired.reference_ms == pytest.approx(2.0)
+    # warm-ups, then blocks of 5 calls (10 ms at 2 ms a call) in the order ab ba ab ba...: runs of 10 calls
+    runs = [(name, len(list(calls))) for name, calls in itertools.groupby(order)]
+    assert runs[2] == ("a", 5)  # after the warm-ups: a's first block, then the pairs meet back to back
+    pairs = runs[3:-1]
+    assert pairs and all(length == 10 for _, length in pairs)
+    assert reference.training and model.training  # modes restored
+    assert reference.seen == model.seen == {(False, True, 1)}
+
+
+def test_measure_ratio_rejects_inputs_the_models_refuse_and_bad_options() -> None:
+    with pytest.raises(InvalidInputsError, match="rejected the example inputs"):
+        measure_ratio(nn.Linear(2, 2), nn.Linear(2, 2), torch.zeros(1, 5), seconds=0.01)
+    with pytest.raises(InvalidInputsError):
+        measure_ratio(nn.Linear(2, 2), nn.Linear(2, 2), torch.zeros(1, 2), seconds=0)
+    with pytest.raises(InvalidInputsError):
+        measure_ratio(nn.Linear(2, 2), nn.Linear(2, 2), torch.zeros(1, 2), chunks=0)

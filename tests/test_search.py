@@ -508,6 +508,53 @@ def test_a_close_final_check_is_timed_again_and_decided_on_all_rounds() -> None:
     assert runner.verified_latency(nn.Identity(), rounds=3, limit_ms=1.06)[0] == pytest.approx(0.95)
 
 
+def _paired(ratios: list[float], pairs: int = 10):
+    from ranksearch.cost import LatencyRatio
+
+    return LatencyRatio(ratio=sorted(ratios)[len(ratios) // 2], chunk_ratios=tuple(ratios), reference_ms=1.0,
+                        model_ms=1.0, pairs=pairs, device="cpu", threads=1)
+
+
+def test_final_check_times_plan_and_original_in_alternating_blocks_where_it_can() -> None:
+    # the runner's own timings would run out at once: every timing goes through measure_pair
+    runner = _runner_with_timer([], target_ms=1.0)
+    runner.baseline = runner.baseline.__class__(2.0, 0.0, 1000, 1000, 1.0)  # the original took 2 ms at the start
+    asked: list[tuple[float, int]] = []
+    answers = iter([_paired([0.40, 0.45, 0.42]), _paired([0.49, 0.47, 0.52], pairs=10), _paired([0.55, 0.51, 0.53], pairs=30)])
+
+    def measure_pair(reference: nn.Module, model: nn.Module, seconds: float, chunks: int):
+        assert reference is runner.reference
+        asked.append((seconds, chunks))
+        return next(answers)
+
+    runner.measure_pair = measure_pair
+    ms, spread = runner.verified_latency(nn.Identity(), rounds=3, limit_ms=1.0)
+    assert ms == pytest.approx(0.42 * 2.0) and spread == pytest.approx((0.45 - 0.40) / 0.42)
+    assert asked == [(pytest.approx(3 * 0.2), 3)]
+    # a close call (the 1.0 ms limit, 0.5 of the original, inside 0.47-0.52): as many pairs again, and the
+    # two ratios weighed by their pairs
+    ms, spread = runner.verified_latency(nn.Identity(), rounds=3, limit_ms=1.0)
+    assert ms == pytest.approx((0.49 * 10 + 0.53 * 30) / 40 * 2.0)
+    assert spread == pytest.approx((0.55 - 0.47) / ((0.49 * 10 + 0.53 * 30) / 40))
+    assert len(asked) == 3
+    # a timing beside the original is one paired measurement too
+    answers = iter([_paired([0.6, 0.62])])
+    assert runner._beside_original(nn.Identity()) == pytest.approx(0.62 * 2.0)
+    assert asked[-1] == (pytest.approx(0.4), 2)
+
+
+def test_a_trial_timing_is_taken_beside_the_original_where_it_can_be() -> None:
+    # no timing alone and no drift: the runner's own timings would run out at once
+    runner = _runner_with_timer([], target_ms=1.0)
+    answers = iter([_paired([0.70, 0.72]), _paired([0.98, 1.02]), _paired([1.00, 1.04])])
+    runner.measure_pair = lambda reference, model, seconds, chunks: next(answers)
+    far, near = (runner.make_plan({"0": ("svd", rank)}, "test") for rank in (4, 8))
+    assert runner.measured_latency(far, nn.Identity()) == pytest.approx(0.72)  # 0.72 of the original's 1.0 ms
+    # 1.02 ms is within its noise of the 1.0 ms target: timed beside the original again, both over: their mean
+    assert runner.measured_latency(near, nn.Identity()) == pytest.approx((1.02 + 1.04) / 2)
+    assert runner.measured_latency(far, nn.Identity()) == pytest.approx(0.72)  # once per plan
+
+
 def test_trial_measurements_follow_the_machines_drift(monkeypatch) -> None:
     import ranksearch.trials
 

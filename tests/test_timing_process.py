@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import ranksearch
-from ranksearch.cost import TimingProcess, measure_latency
+from ranksearch.cost import TimingProcess, measure_latency, measure_ratio
 from ranksearch.exceptions import EvaluationError, InvalidInputsError
 
 from .models import RefusesToRunIn, SmallCNN, small_cnn_inputs
@@ -148,3 +148,27 @@ def test_a_search_leaves_a_callers_worker_running(worker: TimingProcess) -> None
 def test_a_search_refuses_a_timing_process_it_cannot_use(kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidInputsError, match=message):
         ranksearch.optimize(SmallCNN(), small_cnn_inputs(), target_latency_ratio=0.5, **kwargs)
+
+
+def test_a_ratio_is_timed_in_the_worker_and_each_model_sent_once(worker: TimingProcess) -> None:
+    reference, model, x = SmallCNN().eval(), SmallCNN().eval(), small_cnn_inputs()
+    before = worker.models_sent
+    first = measure_ratio(reference, model, x, threads=1, seconds=0.02, chunks=2, timing_process=worker)
+    assert worker.models_sent == before + 2 and first.pairs >= 4 and first.ratio > 0
+    measure_ratio(reference, model, x, threads=1, seconds=0.02, chunks=2, timing_process=worker)
+    measure_latency(reference, x, timing_process=worker, **QUICK)  # known by the same token to both kinds
+    assert worker.models_sent == before + 2
+    # one model against itself: sent once
+    same = SmallCNN().eval()
+    measure_ratio(same, same, x, threads=1, seconds=0.02, chunks=2, timing_process=worker)
+    assert worker.models_sent == before + 3
+
+
+def test_a_ratio_whose_model_the_worker_let_go_is_sent_again(worker: TimingProcess) -> None:
+    reference, x = SmallCNN().eval(), small_cnn_inputs()
+    measure_ratio(reference, SmallCNN().eval(), x, threads=1, seconds=0.02, chunks=2, timing_process=worker)
+    for _ in range(5):  # more models than the worker keeps: the reference is let go
+        measure_latency(SmallCNN().eval(), x, timing_process=worker, **QUICK)
+    before = worker.models_sent
+    again = measure_ratio(reference, SmallCNN().eval(), x, threads=1, seconds=0.02, chunks=2, timing_process=worker)
+    assert again.ratio > 0 and worker.models_sent == before + 2

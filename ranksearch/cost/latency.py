@@ -35,7 +35,8 @@ from .._modes import eval_mode
 if TYPE_CHECKING:
     from .timing_process import TimingProcess
 
-__all__ = ["LatencyMeasurement", "LatencyFn", "measure_latency", "resolve_device", "model_device"]
+__all__ = ["LatencyMeasurement", "LatencyRatio", "LatencyFn", "measure_latency", "measure_ratio", "resolve_device",
+           "model_device"]
 
 log = logging.getLogger("ranksearch.cost")
 
@@ -53,6 +54,11 @@ _MIN_BLOCKS = 5
 #: fresh copy of each model per timing): medians within 0.2-0.8% of each other; interquartile
 #: ranges 1.9/2.1% and 1.9/1.8% (CNN), 3.2/1.6% and 3.4/1.8% (MiniLM); each timing 13-22% shorter.
 _WARM_UP_S = 0.03
+
+#: the shortest block of calls :func:`measure_ratio` times one model for before switching to the other:
+#: long enough that reading the clock costs nothing, short enough that both models of a pair run in
+#: the same moment of a machine whose speed swings within a second
+_PAIR_BLOCK_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,45 @@ class LatencyMeasurement:
     device: str
     threads: int
     attempts: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LatencyRatio:
+    """How long a model takes relative to a reference, timed in alternating blocks (:func:`measure_ratio`).
+
+    Attributes:
+        ratio: the median over pairs of the model's block time over the reference's.
+        chunk_ratios: the same median over each consecutive part of the pairs (``chunks`` of them):
+            how much the answer moves within one measurement.
+        reference_ms, model_ms: median milliseconds per forward pass, each in alternation with the other.
+        pairs: blocks timed per model.
+        device, threads: as in :class:`LatencyMeasurement`.
+    """
+
+    ratio: float
+    chunk_ratios: tuple[float, ...]
+    reference_ms: float
+    model_ms: float
+    pairs: int
+    device: str
+    threads: int
+
+    @property
+    def low(self) -> float:
+        return min(self.chunk_ratios)
+
+    @property
+    def high(self) -> float:
+        return max(self.chunk_ratios)
+
+    @property
+    def spread(self) -> float:
+        """Range of the chunk ratios over the ratio."""
+        return (self.high - self.low) / self.ratio
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
@@ -281,6 +326,38 @@ def _time_locally(
     return _Attempt(ms=float(median) * 1e3, iqr_ms=float(p75 - p25) * 1e3, runs=len(times))
 
 
+def _time_pairs_locally(
+    reference: nn.Module, model: nn.Module, inputs: tuple[Any, ...], *, threads: int, seconds: float,
+    chunks: int, clock: Callable[[], float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block times (seconds per call) of ``reference`` and ``model``, alternating block by block.
+
+    Each pair times one block of each, in turn first (ABBA...), so that neither model always runs
+    just after the other; a block is as many calls as the reference needs for ``_PAIR_BLOCK_S``.
+    """
+    with _num_threads(threads):
+        per_call = []
+        for net in (reference, model):  # warm-up, as _time_locally's; it also gives the call time
+            start, calls = clock(), 0
+            while calls < 2 or (clock() - start < _WARM_UP_S and calls < 1000):
+                net(*inputs)
+                calls += 1
+            per_call.append((clock() - start) / calls)
+        calls = min(1000, math.ceil(_PAIR_BLOCK_S / per_call[0])) if per_call[0] > 0 else 1000
+        times: dict[int, list[float]] = {0: [], 1: []}
+        nets = (reference, model)
+        ends = time.perf_counter() + seconds
+        while time.perf_counter() < ends or len(times[0]) < 2 * chunks:
+            order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
+            for which in order:
+                net = nets[which]
+                start = clock()
+                for _ in range(calls):
+                    net(*inputs)
+                times[which].append((clock() - start) / calls)
+    return np.asarray(times[0]), np.asarray(times[1])
+
+
 def _time_with_fn(model: nn.Module, example_inputs: Any, latency_fn: LatencyFn, calls: int) -> _Attempt:
     values = []
     for _ in range(calls):
@@ -413,4 +490,76 @@ def measure_latency(
     return LatencyMeasurement(
         ms=best.ms, spread=best.spread, iqr_ms=best.iqr_ms, runs=best.runs, device=device_name,
         threads=threads, attempts=attempts,
+    )
+
+
+def measure_ratio(
+    reference: nn.Module,
+    model: nn.Module,
+    example_inputs: Any,
+    device: str | torch.device | None = None,
+    *,
+    threads: int | None = None,
+    seconds: float = 1.0,
+    chunks: int = 5,
+    clock: str | Callable[[], float] = "wall",
+    timing_process: TimingProcess | None = None,
+) -> LatencyRatio:
+    """``model``'s latency relative to ``reference``'s, the two timed in alternating blocks.
+
+    Two models timed one after the other each catch their own moment of the machine, and on a shared
+    machine those differ: on a 2-core cloud CPU whose speed swings by 20% within a second, the ratio of
+    a decomposed CNN to its original from five alternating 0.1 s timings of each ranged over 0.69-0.77
+    in six repeats (5.5 s each); alternating blocks of about 10 ms for half that time ranged over
+    0.71-0.74. Both blocks of a pair run in the same moment, so their ratio cancels the machine's
+    speed then, and the median over pairs drops the pairs a swing fell between.
+
+    Args:
+        reference, model: the two models (eval mode and ``torch.inference_mode`` while timed; modes
+            restored).
+        example_inputs: a tensor or a tuple of positional arguments both models take.
+        device, threads, clock, timing_process: as in :func:`measure_latency` (no ``latency_fn``: a
+            device reached through one cannot alternate two models within a call).
+        seconds: how long to alternate, at least ``2 * chunks`` pairs.
+        chunks: consecutive parts of the pairs whose own ratios say how much the answer moves.
+
+    Returns:
+        A :class:`LatencyRatio` (``.ratio``, ``.spread``, ``.reference_ms``, ``.model_ms``).
+
+    Raises:
+        DeviceUnavailableError, InvalidInputsError: as :func:`measure_latency`.
+    """
+    check_module(reference)
+    check_module(model)
+    threads = _positive_int(torch.get_num_threads() if threads is None else threads, "threads")
+    seconds = _positive_float(seconds, "seconds")
+    chunks = _positive_int(chunks, "chunks")
+    if timing_process is not None:
+        if not callable(getattr(timing_process, "measure_ratio", None)):
+            raise InvalidInputsError("timing_process must be a ranksearch.cost.TimingProcess")
+        if resolve_device(device, model).type != "cpu":
+            raise InvalidInputsError("timing_process times on the CPU; for another device leave it out")
+        return timing_process.measure_ratio(reference, model, as_input_tuple(example_inputs), {
+            "threads": threads, "seconds": seconds, "chunks": chunks, "clock": clock})
+
+    dev = resolve_device(device, model)
+    first, second = _on_device(reference, dev), _on_device(model, dev)
+    inputs = _inputs_on(example_inputs, dev)
+    try:
+        with eval_mode(first), eval_mode(second), torch.inference_mode():
+            ref_s, model_s = _time_pairs_locally(first, second, inputs, threads=threads, seconds=seconds,
+                                                 chunks=chunks, clock=_clock(clock, dev, threads))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise InvalidInputsError(
+            f"a model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
+            "pass inputs of the shape, dtype and device both models expect"
+        ) from exc
+    per_pair = model_s / ref_s  # a pair's two blocks ran in the same moment: their ratio cancels its speed
+    return LatencyRatio(
+        ratio=float(np.median(per_pair)),
+        chunk_ratios=tuple(float(np.median(part)) for part in np.array_split(per_pair, chunks) if len(part)),
+        reference_ms=float(np.median(ref_s)) * 1e3, model_ms=float(np.median(model_s)) * 1e3,
+        pairs=len(ref_s), device=str(dev), threads=threads,
     )

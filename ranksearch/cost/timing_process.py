@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import weakref
+from collections.abc import Collection
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -56,11 +57,14 @@ _LOAD_ERROR = ("the timing process cannot load the model ({}); its classes must 
 
 
 def _serve(fd: int) -> None:
-    """The worker's loop on the socket ``fd``: first ``(sys.path, authkey)``; then requests ``(token,
-    model or None, inputs, options)``, each answered ``("ok", LatencyMeasurement)``, ``("error",
-    exception)`` or ``("resend", None)`` (a model sent by token only that is no longer kept); ``None``
-    ends it."""
-    from .latency import measure_latency  # the worker's own import, in the fresh interpreter
+    """The worker's loop on the socket ``fd``: first ``(sys.path, authkey)``; then requests ``(kind,
+    ((token, model or None), ...), inputs, options)``, ``kind`` ``"latency"`` (one model:
+    ``measure_latency``) or ``"ratio"`` (two: ``measure_ratio``), each answered ``("ok", result)``,
+    ``("error", exception)`` or ``("resend", tokens)`` (models sent by token only that are no longer
+    kept); ``None`` ends it."""
+    from .latency import measure_latency, measure_ratio  # the worker's own import, in the fresh interpreter
+
+    functions = {"latency": measure_latency, "ratio": measure_ratio}
 
     conn = Connection(fd)
     sys_path, authkey = conn.recv()
@@ -80,21 +84,24 @@ def _serve(fd: int) -> None:
             continue
         if request is None:
             return
-        token, model, inputs, options = request
+        kind, sent, inputs, options = request
         del request, message
-        if model is None and token not in kept:
-            conn.send(("resend", None))
+        for token, model in sent:
+            if model is not None:
+                kept[token] = model
+        missing = [token for token, _ in sent if token not in kept]
+        if missing:
+            conn.send(("resend", missing))
             continue
-        if model is not None:
-            kept[token] = model
-            while len(kept) > _KEPT_MODELS:
-                kept.popitem(last=False)
-        kept.move_to_end(token)
+        for token, _ in sent:
+            kept.move_to_end(token)
+        while len(kept) > _KEPT_MODELS:
+            kept.popitem(last=False)
         try:
-            reply: tuple[str, Any] = ("ok", measure_latency(kept[token], inputs, **options))
+            reply: tuple[str, Any] = ("ok", functions[kind](*(kept[token] for token, _ in sent), inputs, **options))
         except Exception as exc:  # sent back and raised in the caller
             reply = ("error", exc)
-        del model, inputs
+        del sent, inputs
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError):
@@ -160,22 +167,50 @@ class TimingProcess:
 
     def measure(self, model: nn.Module, example_inputs: tuple[Any, ...], options: dict[str, Any]) -> Any:
         """``measure_latency(model, example_inputs, **options)`` run in the worker."""
+        return self._run("latency", (model,), example_inputs, options)
+
+    def measure_ratio(self, reference: nn.Module, model: nn.Module, example_inputs: tuple[Any, ...],
+                      options: dict[str, Any]) -> Any:
+        """``measure_ratio(reference, model, example_inputs, **options)`` run in the worker."""
+        return self._run("ratio", (reference, model), example_inputs, options)
+
+    def _run(self, kind: str, models: tuple[nn.Module, ...], example_inputs: tuple[Any, ...],
+             options: dict[str, Any]) -> Any:
+        """Ask the worker for ``kind`` on ``models``: those it has, unchanged, by token; the others whole."""
         if not self.alive:
             raise EvaluationError("the timing process has ended (closed, or killed from outside); start a new "
                                   "TimingProcess")
         inputs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, example_inputs)
-        sent = self._sent.get(model)
-        if sent is not None and sent[1] == _layout(model):
-            kind, value = self._ask((sent[0], None, inputs, options))
-            if kind != "resend":
-                return self._answer(kind, value)
-        token = next(self._tokens)
-        answer = self._ask((token, model, inputs, options))
-        self.models_sent += 1
-        self._sent[model] = (token, _layout(model))  # after the send, which moved its tensors into shared memory
+        answer = self._ask((kind, self._by_token_or_whole(models), inputs, options))
+        if answer[0] == "resend":  # the worker let some of them go: send those again
+            answer = self._ask((kind, self._by_token_or_whole(models, let_go=answer[1]), inputs, options))
         return self._answer(*answer)
 
+    def _by_token_or_whole(self, models: tuple[nn.Module, ...],
+                           let_go: Collection[int] = ()) -> tuple[tuple[int, nn.Module | None], ...]:
+        """``(token, None)`` for a model the worker has unchanged; ``(new token, model)`` to send one whole
+        (one it never had, changed since, or whose token is in ``let_go``). A model passed twice gets one token."""
+        sent: dict[int, tuple[int, nn.Module | None]] = {}
+        for model in models:
+            if id(model) in sent:
+                continue
+            known = self._sent.get(model)
+            if known is not None and known[1] == _layout(model) and known[0] not in let_go:
+                sent[id(model)] = (known[0], None)
+            else:
+                sent[id(model)] = (next(self._tokens), model)
+        return tuple(sent[id(model)] for model in models)
+
     def _ask(self, request: tuple[Any, ...]) -> tuple[str, Any]:
+        """Send ``request``; record the models it carries whole as known to the worker by their token."""
+        answer = self._send_and_receive(request)
+        for token, model in dict(request[1]).items():  # a model passed twice was sent once
+            if model is not None:
+                self.models_sent += 1
+                self._sent[model] = (token, _layout(model))  # after the send: its tensors are in shared memory
+        return answer
+
+    def _send_and_receive(self, request: tuple[Any, ...]) -> tuple[str, Any]:
         try:
             self._conn.send(request)
         except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
