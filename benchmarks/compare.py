@@ -31,12 +31,13 @@ the original), every method builds a compressed model:
 
 Every method touches the same layers (the search space's candidates). Knobs are tuned on
 measured latency of the structure with random weights (latency does not depend on the values);
-the final model is built with real weights, timed interleaved with the original (original,
-compressed, original, ... ratio of the medians, spread = range of the per-round ratios; more rounds
-when they spread widely), scored on a test split no search or knob ever saw,
+the final model is built with real weights, timed interleaved with the original (in alternating
+blocks of about 10 ms, ``ranksearch.cost.measure_ratio``: the median over pairs of their ratio,
+spread = range of that median over consecutive rounds of the pairs; timed longer when they spread
+widely), scored on a test split no search or knob ever saw,
 fine-tuned the same short way as every other row, and scored again. All timings: one thread,
 thread CPU time (steady on a shared machine; see benchmarks/bench_cost_models.py), through
-``ranksearch.cost.measure_latency``, all in one fresh process that does nothing else
+``ranksearch.cost``, all in one fresh process that does nothing else
 (``ranksearch.cost.TimingProcess``; the searches' too, ``optimize(timing_process=...)``): this
 process's heap, fragmented by the searches and knob tunings, slows models with more layers (a
 plan timed at 0.68 of the original in a fresh process timed 0.72-0.74 here after a search);
@@ -97,7 +98,7 @@ from models import Task, TestScores, cnn_task, minilm_task
 
 import ranksearch
 from ranksearch import SearchSpace
-from ranksearch.cost import TimingProcess, count_flops, count_params, measure_latency
+from ranksearch.cost import LatencyRatio, TimingProcess, count_flops, count_params, measure_latency, measure_ratio
 from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.space import LayerCandidates
 from ranksearch.study import HEADROOM_MOVE, REPAIR_MOVE
@@ -166,28 +167,26 @@ class Latency:
 
 
 def interleaved(original: nn.Module, compressed: nn.Module, inputs: tuple[torch.Tensor, ...], *, rounds: int,
-                min_run_time: float, max_spread: float | None = None, more: int = 0,
+                round_s: float, max_spread: float | None = None, more: int = 0,
                 timing: TimingProcess | None = None) -> Latency:
-    """Original and compressed timed alternately ``rounds`` times; ratio of the medians.
+    """Original and compressed timed in alternating blocks for ``rounds * round_s`` seconds
+    (``ranksearch.cost.measure_ratio``, with the clock every timing here uses); each round is a
+    consecutive part of those pairs.
 
-    Alternating cancels the machine's drift (other work on the shared CPU) out of the ratio. When the
-    per-round ratios spread more than ``max_spread`` (range / ratio), ``rounds`` more are timed, up to
-    ``more`` times, and the ratio is that of the medians of all rounds; low and high span them all.
+    Both blocks of a pair run in the same moment of the machine, so its speed swings cancel out of the
+    ratio. When the per-round ratios spread more than ``max_spread`` (range / ratio), the two are timed
+    as long again, up to ``more`` times; the ratio is then the mean of the measurements' ratios weighed
+    by their pairs, and low and high span all their rounds.
     """
-    base: list[float] = []
-    comp: list[float] = []
-    per_round: list[float] = []
+    measured: list[LatencyRatio] = []
     for _ in range(1 + more):
-        for _ in range(rounds):
-            a = cpu_latency_ms(original, inputs, min_run_time, timing)
-            b = cpu_latency_ms(compressed, inputs, min_run_time, timing)
-            base.append(a)
-            comp.append(b)
-            per_round.append(b / a)
-        ratio = statistics.median(comp) / statistics.median(base)
+        measured.append(measure_ratio(original, compressed, inputs, threads=1, clock="cpu", seconds=rounds * round_s,
+                                      chunks=rounds, timing_process=timing))
+        ratio = sum(m.ratio * m.pairs for m in measured) / sum(m.pairs for m in measured)
+        per_round = [r for m in measured for r in m.chunk_ratios]
         if max_spread is None or (max(per_round) - min(per_round)) / ratio <= max_spread:
             break
-    return Latency(ratio, min(per_round), max(per_round), statistics.median(base))
+    return Latency(ratio, min(per_round), max(per_round), statistics.median(m.reference_ms for m in measured))
 
 
 # --- search space ------------------------------------------------------------------------------
@@ -434,8 +433,9 @@ class Benchmark:
         self.titles: dict[str, str] = {}
         self.originals: dict[str, tuple[float, dict[str, float]]] = {}
         self.rounds = 3 if args.quick else 5
-        self.final_run_time = 0.05 if args.quick else 0.1
-        self.knob_run_time = 0.05
+        # seconds of alternating blocks per round (a round of two separate 0.1 s timings took about 0.3 s)
+        self.final_round_s = 0.1 if args.quick else 0.2
+        self.knob_round_s = 0.1
         self.knob_steps = 5 if args.quick else 6
         # every timing of the run - the searches', the knobs', the rows' - in one fresh process (see main)
         self.timing: TimingProcess | None = None
@@ -447,7 +447,7 @@ class Benchmark:
         names the plan (see ``Setting.timed``)."""
         if key not in setting.timed:
             latency = interleaved(setting.task.model, model, setting.inputs, rounds=self.rounds,
-                                  min_run_time=self.final_run_time, max_spread=RETIME_SPREAD, more=RETIMES,
+                                  round_s=self.final_round_s, max_spread=RETIME_SPREAD, more=RETIMES,
                                   timing=self.timing)
             self.original_spreads.append((latency.high - latency.low) / max(latency.ratio, 1e-9))
             flops, note = math.nan, ""
@@ -514,10 +514,10 @@ class Benchmark:
                   probes: dict[str, dict[str, Any]]) -> list[Tunable]:
         """Every tunable baseline of this setting."""
         model, inputs = setting.task.model, setting.inputs
-        run_time, steps = self.knob_run_time, self.knob_steps
+        round_s, steps = self.knob_round_s, self.knob_steps
 
         def measure(timed: nn.Module) -> float:
-            return interleaved(model, timed, inputs, rounds=2, min_run_time=run_time, timing=self.timing).ratio
+            return interleaved(model, timed, inputs, rounds=2, round_s=round_s, timing=self.timing).ratio
 
         def from_choices(name: str, make: Callable[[float], Choices], low: float, high: float, n: int,
                          label: str) -> Tunable:
@@ -1068,7 +1068,8 @@ class Benchmark:
             "# ranksearch vs baselines and peers",
             "",
             (f"Written by `python benchmarks/compare.py{' --quick' if self.quick else ''}` ({mode} mode, "
-            f"{elapsed / 60:.1f} min on {os.cpu_count()} cores, torch {torch.__version__}, ranksearch "
+            f"{elapsed / 60:.1f} min on {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch "
+            f"{torch.__version__}, ranksearch "
             f"{ranksearch.__version__}, seed {self.args.seed})."),
             "",
             ("How to read it: every method compresses the same candidate layers to just meet a measured latency "
@@ -1077,9 +1078,11 @@ class Benchmark:
             + ("this one, `--time-here`; " if self.timing is None else
                "a fresh one that times every model of the run - the searches', the knobs' and these - and "
                "does nothing else, `ranksearch.cost.TimingProcess`; ") +
-            f"{self.rounds} rounds, ratio of the medians; in brackets the range of the per-round ratios; when "
-            f"that range is over {RETIME_SPREAD:.0%} of the ratio, {self.rounds} more rounds, up to {RETIMES} "
-            "times, and the ratio of the medians of all rounds). "
+            f"the two alternate block by block, about 10 ms each, for {self.rounds} x {self.final_round_s:g} s, "
+            "`ranksearch.cost.measure_ratio`; the median over pairs of the compressed block's time over the "
+            f"original's; in brackets the range of that median over {self.rounds} consecutive rounds of the pairs; "
+            f"when that range is over {RETIME_SPREAD:.0%} of the ratio, timed as long again, up to {RETIMES} "
+            "times, and the measurements' ratios averaged by their pairs). "
             f"*meets*: latency ratio <= target x {1 + TOLERANCE:.2f} (room for this timing's noise; every method "
             "is tuned on plans its quick timing puts at or under the target - a knob's bisection, the search's "
             f"trials - and keeps its answer unless a careful timing puts it over target x {1 + TOLERANCE:.2f}: a "

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,7 +91,7 @@ def test_ranksearch_ft_fine_tunes_the_missed_answer_s_spare_in_its_place() -> No
 def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(monkeypatch) -> None:
     timed: list[nn.Module] = []
 
-    def interleaved(original, compressed, inputs, *, rounds, min_run_time, **retiming):
+    def interleaved(original, compressed, inputs, *, rounds, round_s, **retiming):
         timed.append(compressed)
         return compare.Latency(0.5 + 0.01 * len(timed), 0.45, 0.55, 1.0)
 
@@ -113,30 +114,38 @@ def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(
 
 
 def test_a_final_timing_whose_rounds_spread_widely_gets_more_rounds(monkeypatch) -> None:
-    # (original, compressed) per round: a noisy first five, then calm ones at a ratio of 0.70
-    noisy = [(1.0, 0.44), (1.0, 0.53), (1.0, 0.75), (1.0, 0.50), (1.0, 0.52)]
-    calm = [(1.0, 0.70), (1.0, 0.71), (1.0, 0.69), (1.0, 0.70), (1.0, 0.72)] * 2
-    timings = iter(ms for pair in noisy + calm for ms in pair)
-    calls: list[float] = []
+    from ranksearch.cost import LatencyRatio
 
-    def cpu_latency_ms(model, inputs, min_run_time, timing=None):
-        calls.append(min_run_time)
-        return next(timings)
+    def paired(ratio: float, rounds: tuple[float, ...], pairs: int) -> LatencyRatio:
+        return LatencyRatio(ratio, rounds, 1.0, ratio, pairs, "cpu", 1)
 
-    monkeypatch.setattr(compare, "cpu_latency_ms", cpu_latency_ms)
+    # a noisy measurement (rounds 0.44-0.75), then calm ones at 0.70 and 0.72
+    noisy = paired(0.52, (0.44, 0.53, 0.75, 0.50, 0.52), 20)
+    calm = [paired(0.70, (0.70, 0.71, 0.69, 0.70, 0.72), 20), paired(0.72, (0.72, 0.71, 0.73, 0.72, 0.72), 40)]
+    answers = iter([])
+    asked: list[tuple[float, int]] = []
+
+    def measure_ratio(original, compressed, inputs, *, threads, clock, seconds, chunks, timing_process):
+        assert (threads, clock) == (1, "cpu")  # the clock every timing of the benchmark uses
+        asked.append((seconds, chunks))
+        return next(answers)
+
+    monkeypatch.setattr(compare, "measure_ratio", measure_ratio)
     model = nn.Linear(2, 2)
-    once = compare.interleaved(model, model, (), rounds=5, min_run_time=0.1)
-    assert once.ratio == 0.52 and len(calls) == 10  # without max_spread: the noisy rounds decide
-    timings = iter(ms for pair in noisy + calm for ms in pair)
-    calls.clear()
-    latency = compare.interleaved(model, model, (), rounds=5, min_run_time=0.1, max_spread=0.25, more=2)
-    # 0.44-0.75 is a spread of 60%: five more rounds; over all ten the spread is still wide, so five
-    # more again; the ratio is the median of all fifteen
-    assert len(calls) == 30 and latency.ratio == 0.70 and (latency.low, latency.high) == (0.44, 0.75)
-    timings = iter(ms for pair in calm for ms in pair)
-    calls.clear()
-    assert compare.interleaved(model, model, (), rounds=5, min_run_time=0.1, max_spread=0.25, more=2).ratio == 0.70
-    assert len(calls) == 10  # calm rounds: timed once
+    answers = iter([noisy, *calm])
+    once = compare.interleaved(model, model, (), rounds=5, round_s=0.2)
+    assert once.ratio == 0.52 and asked == [(pytest.approx(1.0), 5)]  # without max_spread: the noisy one decides
+    answers = iter([noisy, *calm])
+    asked.clear()
+    latency = compare.interleaved(model, model, (), rounds=5, round_s=0.2, max_spread=0.25, more=2)
+    # 0.44-0.75 is a spread of 60%: timed again; over both the spread is still wide, so once more; the
+    # ratio is the measurements' ratios weighed by their pairs
+    assert len(asked) == 3 and latency.ratio == pytest.approx((0.52 * 20 + 0.70 * 20 + 0.72 * 40) / 80)
+    assert (latency.low, latency.high) == (0.44, 0.75)
+    answers = iter(calm)
+    asked.clear()
+    assert compare.interleaved(model, model, (), rounds=5, round_s=0.2, max_spread=0.25, more=2).ratio == 0.70
+    assert len(asked) == 1  # calm rounds: timed once
 
 
 def _scores(per_item: list[float]) -> compare.TestScores:
