@@ -1061,7 +1061,8 @@ class Benchmark:
         spreads = sorted((r.latency.high - r.latency.low) / r.latency.ratio for r in self.rows if r.latency)
         if self.args.standard:  # only runs of the one standard configuration are comparable
             history.record(verdicts, minutes=elapsed / 60, commit=self.args.commit,
-                           spread=statistics.median(spreads) if spreads else None)
+                           spread=statistics.median(spreads) if spreads else None,
+                           cpu=torch.backends.cpu.get_cpu_capability())
         runs = history.load()
         mode = "quick" if self.quick else "full"
         out = [

@@ -53,12 +53,16 @@ def git_commit(repo: Path) -> str:
 
 
 def record(verdicts: Sequence[dict[str, Any]], *, minutes: float, commit: str, spread: float | None = None,
-           path: Path = HISTORY, date: str | None = None) -> dict[str, Any]:
+           cpu: str | None = None, path: Path = HISTORY, date: str | None = None) -> dict[str, Any]:
     """Append one run (``verdicts``: dicts with model, batch, target, ranksearch, ranksearch-ft;
-    ``spread``: the run's median spread of the final latency ratios, how noisy the machine was)."""
+    ``spread``: the run's median spread of the final latency ratios, how noisy the machine was;
+    ``cpu``: the vector instructions torch used, ``torch.backends.cpu.get_cpu_capability()``: machines
+    of this kind differ, and the CNN's latency profile with them)."""
     run = {"date": date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "commit": commit, "minutes": round(minutes, 1),
            "spread_median": None if spread is None else round(spread, 3), "verdicts": list(verdicts)}
+    if cpu is not None:
+        run["cpu"] = cpu
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as out:
         out.write(json.dumps(run) + "\n")
@@ -73,7 +77,7 @@ def load(path: Path = HISTORY) -> list[dict[str, Any]]:
 
 def _spread(run: dict[str, Any]) -> str:
     spread = run.get("spread_median")
-    return "" if spread is None else f", spread {spread:.0%}"
+    return ("" if spread is None else f", spread {spread:.0%}") + (f", {run['cpu']}" if run.get("cpu") else "")
 
 
 def _counts(run: dict[str, Any], method: str) -> str:

@@ -33,13 +33,15 @@ def test_runs_are_appended_and_shown_side_by_side(tmp_path) -> None:
     path = tmp_path / "results" / "verdicts.jsonl"
     history.record(_run(("yes", "tie"), ("no", "yes")), minutes=28.9, commit="aaa111", spread=0.09, path=path,
                    date="2026-11-27 10:00 UTC")
-    history.record(_run(("yes", "tie"), ("yes", "misses")), minutes=30.2, commit="bbb222", path=path)
+    history.record(_run(("yes", "tie"), ("yes", "misses")), minutes=30.2, commit="bbb222", spread=0.12, cpu="AVX2",
+                   path=path)
     runs = history.load(path)
     assert [r["commit"] for r in runs] == ["aaa111", "bbb222"]  # appended, oldest first
     assert runs[0]["verdicts"][1]["ranksearch"] == "no"
 
     lines = history.history_md(runs)
-    assert "aaa111 (2026-11-27, 28.9 min, spread 9%)" in lines[0] and "bbb222" in lines[0]
+    assert "aaa111 (2026-11-27, 28.9 min, spread 9%)" in lines[0]
+    assert "bbb222" in lines[0] and "30.2 min, spread 12%, AVX2)" in lines[0]  # the machine's vector instructions
     row_07 = next(line for line in lines if line.startswith("| cnn | batch 1 | 0.70 |"))
     row_05 = next(line for line in lines if line.startswith("| cnn | batch 1 | 0.50 |"))
     assert "| yes / tie | yes / tie | without FT, after FT |" in row_07  # the same in both runs
