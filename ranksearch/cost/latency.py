@@ -302,16 +302,29 @@ class _Attempt:
         return self.iqr_ms / self.ms if self.ms > 0 else math.inf
 
 
+def _warm_up(model: nn.Module, inputs: tuple[Any, ...], clock: Callable[[], float], seconds: float) -> float:
+    """Run ``model`` for about ``seconds`` (at least two calls): the first calls allocate, pick kernels
+    and fill caches. Returns the seconds per call it took."""
+    start, calls = clock(), 0
+    while calls < 2 or (clock() - start < seconds and calls < 1000):
+        model(*inputs)
+        calls += 1
+    return max(clock() - start, 0.0) / calls
+
+
+def _rejected_inputs(exc: Exception) -> InvalidInputsError:
+    """What a model raising ``exc`` on the example inputs while being timed tells the caller."""
+    return InvalidInputsError(
+        f"the model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
+        "pass inputs of the shape, dtype and device the model expects"
+    )
+
+
 def _time_locally(
     model: nn.Module, inputs: tuple[Any, ...], *, threads: int, min_run_time: float, clock: Callable[[], float]
 ) -> _Attempt:
     with _num_threads(threads):
-        # warm-up: first calls allocate, pick kernels and fill caches; also gives the call time
-        start, calls = clock(), 0
-        while calls < 2 or (clock() - start < min(_WARM_UP_S, min_run_time / 2) and calls < 1000):
-            model(*inputs)
-            calls += 1
-        per_call = max(clock() - start, 0.0) / calls
+        per_call = _warm_up(model, inputs, clock, min(_WARM_UP_S, min_run_time / 2))
     timer = benchmark.Timer(
         stmt="model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads, timer=clock,
     )
@@ -336,14 +349,9 @@ def _time_pairs_locally(
     just after the other; a block is as many calls as the reference needs for ``_PAIR_BLOCK_S``.
     """
     with _num_threads(threads):
-        per_call = []
-        for net in (reference, model):  # warm-up, as _time_locally's; it also gives the call time
-            start, calls = clock(), 0
-            while calls < 2 or (clock() - start < _WARM_UP_S and calls < 1000):
-                net(*inputs)
-                calls += 1
-            per_call.append((clock() - start) / calls)
-        calls = min(1000, math.ceil(_PAIR_BLOCK_S / per_call[0])) if per_call[0] > 0 else 1000
+        per_call = _warm_up(reference, inputs, clock, _WARM_UP_S)
+        _warm_up(model, inputs, clock, _WARM_UP_S)
+        calls = min(1000, math.ceil(_PAIR_BLOCK_S / per_call)) if per_call > 0 else 1000
         times: dict[int, list[float]] = {0: [], 1: []}
         nets = (reference, model)
         ends = time.perf_counter() + seconds
@@ -464,10 +472,7 @@ def measure_latency(
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                 if isinstance(exc, torch.OutOfMemoryError):
                     raise  # the device is too small, the inputs are not wrong
-                raise InvalidInputsError(
-                    f"the model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
-                    "pass inputs of the shape, dtype and device the model expects"
-                ) from exc
+                raise _rejected_inputs(exc) from exc
 
     best: _Attempt | None = None
     attempts = 0
@@ -551,11 +556,8 @@ def measure_ratio(
                                                  chunks=chunks, clock=_clock(clock, dev, threads))
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         if isinstance(exc, torch.OutOfMemoryError):
-            raise
-        raise InvalidInputsError(
-            f"a model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
-            "pass inputs of the shape, dtype and device both models expect"
-        ) from exc
+            raise  # the device is too small, the inputs are not wrong
+        raise _rejected_inputs(exc) from exc
     per_pair = model_s / ref_s  # a pair's two blocks ran in the same moment: their ratio cancels its speed
     return LatencyRatio(
         ratio=float(np.median(per_pair)),
