@@ -36,9 +36,12 @@ __all__ = ["Tucker2Decomposition"]
 log = logging.getLogger("ranksearch.decompose.tucker2")
 
 #: HOOI iterations after the HOSVD start; each one is cheap (SVDs of projected unfoldings) and
-#: the fit rarely moves after a handful.
+#: the fit rarely moves after a handful. They stop once an iteration changes the relative error by
+#: less than ``_HOOI_TOL``: on the benchmark CNN's 128-channel 3x3 conv at a quarter / half of its
+#: ranks, 1e-5 stopped after 6 / 10 iterations at a relative error within 1e-5 of 25 iterations'
+#: (HOSVD alone: 1.4% worse), in a quarter / third of the time (1e-8 ran 22 / 25 iterations).
 _HOOI_MAX_ITERATIONS = 25
-_HOOI_TOL = 1e-8
+_HOOI_TOL = 1e-5
 
 
 # --- helpers shared by tucker2, cp and btd ----------------------------------------------------
@@ -96,8 +99,8 @@ def unfolding_bases(layer: nn.Module, spec: LayerSpec, group: int) -> tuple[torc
     Cached per weight: every rank of ``tucker2`` (and the start of ``btd``) truncates the same pair.
     """
     mode1, mode0 = Tucker2Decomposition.unfoldings(kernel_by_group(layer, spec)[group])
-    u_out = cached_svd(layer.weight, mode0, ("tucker-mode0", group))[0]
-    u_in = cached_svd(layer.weight, mode1, ("tucker-mode1", group))[0]
+    u_out = cached_svd(layer.weight, mode0, ("tucker-mode0", spec.groups, group))[0]
+    u_in = cached_svd(layer.weight, mode1, ("tucker-mode1", spec.groups, group))[0]
     return u_out, u_in
 
 
@@ -201,7 +204,7 @@ class Tucker2Decomposition(DecompositionMethod):
                           spec.name, group, rank, len(errors), float(errors[-1]))
             return core, f_out, f_in
 
-        return factor_cache.get(layer.weight, ("tucker2", group, rank), compute)
+        return factor_cache.get(layer.weight, ("tucker2", spec.groups, group, rank), compute)
 
     def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
         r1, r2 = rank  # type: ignore[misc]
