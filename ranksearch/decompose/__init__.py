@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import (
-    DecompositionMethod, FactorCache, LayerCost, Rank, factor_cache, get_method, methods, register,
-)
+from .base import DecompositionMethod, LayerCost, Rank, get_method, methods, register
+from .cache import FactorCache, factor_cache
 
 # Each import registers its methods; the order here is the order ``methods()`` lists them in.
 from . import svd, channel, spatial, tucker2, cp, btd  # noqa: E402,F401  isort: skip

@@ -114,7 +114,7 @@ def cores(layer: nn.Module, spec: LayerSpec, rank: int, group: int) -> list[torc
             tt = tensor_train(_kernel_tensors(layer, spec)[group].contiguous(), rank=[1, *ranks, 1])
         return [torch.as_tensor(core) for core in tt.factors]
 
-    return factor_cache.get(layer.weight, ("tt-conv", group, ranks), compute)
+    return factor_cache.get(layer.weight, ("tt-conv", spec.groups, group, ranks), compute)
 
 
 def load_weights(replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: int) -> None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
-import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
@@ -22,6 +20,7 @@ from torch import nn
 
 from ..exceptions import InvalidRankError, UnknownMethodError, UnsupportedLayerError
 from ..layers import LayerSpec, layer_kind, spec_from_module
+from .cache import factor_cache
 
 __all__ = [
     "Rank",
@@ -31,7 +30,6 @@ __all__ = [
     "get_method",
     "methods",
     "factor_cache",
-    "FactorCache",
     "make_conv",
     "weight_as_float",
     "split_singular_values",
@@ -245,58 +243,6 @@ def get_method(name: str | DecompositionMethod) -> DecompositionMethod:
 def methods() -> list[str]:
     """Names of the registered decomposition methods, in registration order."""
     return list(_REGISTRY)
-
-
-# --- factorization cache -----------------------------------------------------------------------
-
-
-class FactorCache:
-    """Per-weight cache of factorizations, so sweeping ranks on a layer factorizes it once.
-
-    Entries are keyed by the weight tensor's identity (held weakly: a model that is garbage
-    collected frees its entries) and its version counter (an in-place update invalidates them).
-    """
-
-    def __init__(self) -> None:
-        # id(weight) -> (weak reference to weight, {(version, key): value}); tensors compare
-        # elementwise, so they cannot be dictionary keys themselves.
-        self._entries: dict[int, tuple[weakref.ref[torch.Tensor], dict[Any, Any]]] = {}
-        self._lock = threading.Lock()
-        self.misses = 0
-
-    def _slot(self, weight: torch.Tensor) -> dict[Any, Any]:
-        key = id(weight)
-        entry = self._entries.get(key)
-        if entry is None or entry[0]() is not weight:
-            ref = weakref.ref(weight, lambda _ref, key=key: self._entries.pop(key, None))
-            entry = (ref, {})
-            self._entries[key] = entry
-        return entry[1]
-
-    def get(self, weight: torch.Tensor, key: Any, compute: Callable[[], Any]) -> Any:
-        """The cached value for ``(weight, key)``, computing it with ``compute()`` on a miss."""
-        full_key = (weight._version, key)
-        with self._lock:
-            slot = self._slot(weight)
-            if full_key in slot:
-                return slot[full_key]
-        value = compute()
-        with self._lock:
-            self.misses += 1
-            slot = self._slot(weight)
-            for stale in [k for k in slot if k[0] != weight._version]:
-                del slot[stale]
-            slot[full_key] = value
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.misses = 0
-
-
-#: the process-wide cache all built-in methods use
-factor_cache = FactorCache()
 
 
 # --- helpers shared by methods -----------------------------------------------------------------

@@ -255,7 +255,7 @@ class BlockTermDecomposition(DecompositionMethod):
                       spec.name, group, rank, start, errors[-1], len(errors), status)
             return state
 
-        return factor_cache.get(layer.weight, ("btd", group, rank), compute)
+        return factor_cache.get(layer.weight, ("btd", spec.groups, group, rank), compute)
 
     def load_weights(self, replacement: nn.Module, layer: nn.Module, spec: LayerSpec, rank: Rank) -> None:
         blocks, r1, r2 = rank  # type: ignore[misc]

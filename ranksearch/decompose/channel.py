@@ -58,7 +58,7 @@ class ChannelDecomposition(DecompositionMethod):
         matrix = self.rank_matrices(layer, spec)[0]  # (G, N/G, C/G*k*k)
         lefts, rights = [], []
         for g in range(groups):
-            u, s, vh = cached_svd(layer.weight, matrix[g], ("channel", g))
+            u, s, vh = cached_svd(layer.weight, matrix[g], ("channel", groups, g))
             left, right = split_singular_values(u, s, vh, r)
             lefts.append(left)
             rights.append(right)

@@ -150,7 +150,7 @@ class CPDecomposition(DecompositionMethod):
             balanced[0] = balanced[0] * torch.sign(weights)
             return balanced
 
-        return factor_cache.get(layer.weight, ("cp", group, rank), compute)
+        return factor_cache.get(layer.weight, ("cp", spec.groups, group, rank), compute)
 
     @staticmethod
     def _als(kernel: torch.Tensor, rank: int, name: str, group: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -80,7 +80,7 @@ class SpatialDecomposition(DecompositionMethod):
         matrices = self.rank_matrices(layer, spec)[0]  # M[g, (c, i), (n, j)] = W[g*n_g + n, c, i, j]
         firsts, seconds = [], []
         for g in range(groups):
-            u, s, vh = cached_svd(layer.weight, matrices[g], ("spatial", g))
+            u, s, vh = cached_svd(layer.weight, matrices[g], ("spatial", groups, g))
             left, right = split_singular_values(u, s, vh, r)  # (c_g*kh, r), (r, n_g*kw)
             firsts.append(left.reshape(c_g, kh, r).permute(2, 0, 1).unsqueeze(-1))  # (r, c_g, kh, 1)
             seconds.append(right.reshape(r, n_g, kw).permute(1, 0, 2).unsqueeze(2))  # (n_g, r, 1, kw)

@@ -83,7 +83,7 @@ class SVD(DecompositionMethod):
         groups = spec.groups  # matrix: (G, N/G, C/G)
         lefts, rights = [], []
         for g in range(groups):
-            u, s, vh = cached_svd(layer.weight, matrix[g], ("group", g))
+            u, s, vh = cached_svd(layer.weight, matrix[g], ("group", groups, g))
             left, right = split_singular_values(u, s, vh, r)
             lefts.append(left)
             rights.append(right)

@@ -247,7 +247,7 @@ def _label(heuristic: str, tau: float | None, weakening: float) -> str:
 
 
 def _spectra(layer: nn.Module, spec: LayerSpec, method: DecompositionMethod) -> list[_Spectrum]:
-    """Singular values of each of the method's matrices, per group (cached per weight version)."""
+    """Singular values of each of the method's matrices, per group (cached per weight contents, see ``decompose.cache``)."""
 
     def compute() -> list[_Spectrum]:
         if not torch.isfinite(layer.weight).all():
@@ -264,7 +264,7 @@ def _spectra(layer: nn.Module, spec: LayerSpec, method: DecompositionMethod) -> 
             spectra.append([(values[g], shape) for g in range(values.shape[0])])
         return spectra
 
-    return factor_cache.get(layer.weight, ("rank-spectra", method.name), compute)
+    return factor_cache.get(layer.weight, ("rank-spectra", method.name, spec.kind, spec.groups), compute)
 
 
 def _heuristic_rank(spectrum: _Spectrum, heuristic: str, tau: float | None, eps: float) -> tuple[int, int]:
