@@ -13,6 +13,7 @@ plans within budget are scored.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -472,7 +473,9 @@ class TrialRunner:
             # timings beside the original need no scaling
             self.retime_original(times=2)
         heuristic = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
-        fitted = fitted_seeds(self.reference, self.searchable, self.space, self.fit)
+        on_measurement = self.predictor is not None and bool(self.latency_check_every)
+        fitted = fitted_seeds(self.reference, self.searchable, self.space, self.fit,
+                              shortlist=self.by_predicted_score if on_measurement else None)
         allocated = sensitivity_seeds(self, sensitivity) if sensitivity is not None else []
         log.info("seed plans built and fitted to the budget in %.1f s (%d whole-model measurements so far)",
                  time.perf_counter() - started, len(self._measured))
@@ -485,6 +488,26 @@ class TrialRunner:
         for seed in found:
             unique.setdefault(choices_key(seed.choices), seed)
         return list(unique.values())
+
+    def by_predicted_score(self, plans: Mapping[str, Callable[[float], Choices]], cheap: float,
+                           dear: float) -> list[str]:
+        """The names of ``plans`` (one-knob plan makers), best first by the score of each one's plan
+        fitted to the budget on the prediction alone (no timing; one evaluation each); those with
+        no plan the prediction puts within the budget last."""
+        scores: dict[str, float] = {}
+        for name, make in plans.items():
+            scores[name] = -math.inf
+            choices = fit_to_budget(make, cheap, dear, predicted_feasible=self.feasible, measured_feasible=None)
+            if choices is None:
+                continue
+            try:
+                scores[name] = self.score(self.workbench.apply(self.make_plan(choices, "shortlist")))
+            except Exception as exc:  # a failing evaluation just puts the plan last
+                log.debug("shortlist: %s scored no value: %s", name, exc)
+        ranked = sorted(plans, key=lambda name: -scores[name])
+        log.debug("uniform seeds by their score on the prediction's fit: %s",
+                  ", ".join(f"{name} {scores[name]:.4g}" for name in ranked))
+        return ranked
 
     def seed_params(self, seed: Seed) -> dict[str, Any]:
         """Optuna parameters that approximate a seed plan (the seed's exact ranks are used in the trial)."""

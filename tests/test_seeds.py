@@ -274,3 +274,42 @@ def test_method_without_matricization_matches_the_reference_cost() -> None:
     assert matched.rank == reference.rank == 6  # same cost function: the same rank
     weak = suggest(layer, spec, _NoMatrixSVD(), weakening=0.25, round_to=8)
     assert weak.rank == suggest(layer, spec, "svd", weakening=0.25, round_to=8).rank
+
+
+def test_of_the_uniform_seeds_only_the_best_family_on_the_prediction_is_fitted_on_timings(trained, tmp_path,
+                                                                                           monkeypatch, caplog) -> None:
+    """A fit on measured latency takes several whole-model timings: of the uniform-ratio seeds (one per
+    family), only the family whose plan fitted on the prediction scores best is fitted and queued.
+    Under a FLOP budget the fits are free, and every family gets its seed."""
+    from ranksearch.cost import count_flops
+    from ranksearch.trials import TrialRunner
+    from ranksearch.warmstart import is_uniform_fit
+
+    monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path))
+    model, images, labels = trained
+    rankings: list[list[str]] = []
+    ranked_by_score = TrialRunner.by_predicted_score
+
+    def recorded(self, plans, cheap, dear):
+        rankings.append(ranked_by_score(self, plans, cheap, dear))
+        return rankings[-1]
+
+    monkeypatch.setattr(TrialRunner, "by_predicted_score", recorded)
+    kwargs = dict(n_trials=8, seed=0, show_progress_bar=False, sensitivity=False,
+                  eval_fn=lambda m: _accuracy(m, images, labels))
+
+    def uniform_seeds(result) -> list[str]:
+        return [t.user_attrs["seed"] for t in result.study.trials if is_uniform_fit(t.user_attrs.get("seed"))]
+
+    with caplog.at_level("DEBUG", logger="ranksearch.search"):
+        timed = ranksearch.optimize(model, images[:8], target_latency_ratio=0.6,
+                                    latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6, **kwargs)
+    assert len(rankings) == 1 and {"channel", "spatial", "tucker2"} <= set(rankings[0])
+    (line,) = [r.getMessage() for r in caplog.records if "by their score" in r.getMessage()]
+    scores = [float(entry.split()[1]) for entry in line.split(": ", 1)[1].split(", ")]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]  # best first, and they differ
+    assert uniform_seeds(timed) == [f"seed:uniform-{rankings[0][0]}-fit"]
+
+    counted = ranksearch.optimize(model, images[:8], target_flops=0.6, **kwargs)
+    assert len(rankings) == 1  # no timings to save: no shortlist
+    assert len(uniform_seeds(counted)) >= 3
