@@ -188,6 +188,18 @@ def _accuracy_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Test
     return TestScores({"test acc": int(right.sum()) / len(y)}, right.float())
 
 
+def _channels_last(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose conv weights (and so its activations) are channels-last, to score it.
+
+    On this CPU torch's convs run the CNN that way ~1.45x faster (the validation split, alternating,
+    12 times each: median 0.55 s -> 0.38 s; a fine-tune epoch 8.4 -> 6.9 s), a third of the benchmark's
+    wall time being such scoring and fine-tuning. Scores are unchanged (the original's test accuracy
+    is the same). A copy: the model scored is also timed, and timings stay in the default layout.
+    (Converting the 1-channel images instead does nothing: for one channel both layouts are the same.)
+    """
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
 def _trainable(model: nn.Module) -> None:
     """Searches freeze their reference copies; a fine-tune needs every parameter trainable again."""
     for p in model.parameters():
@@ -217,7 +229,9 @@ def cnn_task(*, epochs: int = 12, fine_tune_epochs: int = 1, server_batch: int =
 
     def fine_tune(compressed: nn.Module) -> None:
         _trainable(compressed)
+        compressed.to(memory_format=torch.channels_last)  # faster here (see _channels_last); back below
         train_classifier(compressed, splits.x_train, splits.y_train, epochs=fine_tune_epochs, lr=1e-3, seed=seed)
+        compressed.to(memory_format=torch.contiguous_format)
 
     notes.append(f"digits upsampled to 32x32: {len(splits.y_train)} train / {len(splits.y_val)} validation / "
                  f"{len(splits.y_test)} test images (stratified, seed {seed})")
@@ -228,8 +242,8 @@ def cnn_task(*, epochs: int = 12, fine_tune_epochs: int = 1, server_batch: int =
         model=model,
         inputs={"batch 1": (splits.x_val[:1].clone(),),
                 f"batch {server_batch}": (splits.x_val[:server_batch].clone(),)},
-        val_score=lambda m: accuracy(m, splits.x_val, splits.y_val),
-        test_scores=lambda m: _accuracy_scores(m, splits.x_test, splits.y_test),
+        val_score=lambda m: accuracy(_channels_last(m), splits.x_val, splits.y_val),
+        test_scores=lambda m: _accuracy_scores(_channels_last(m), splits.x_test, splits.y_test),
         fine_tune=fine_tune,
         space="convnet",
         notes=notes,
