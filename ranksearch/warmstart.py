@@ -101,7 +101,7 @@ def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], sp
     only the first family in its order whose fit finds a plan gets a seed: each fit on measurement
     takes several whole-model timings, and the other families' plans score lower at the same
     budget. (Two benchmark runs, the CNN's 10 searches with uniform seeds: uniform channel plans
-    scored 0.11-0.58 on validation, the best family's 0.33-0.88; one search returned a uniform
+    scored 0.11-0.58 on validation, the best family's 0.32-0.88; one search returned a uniform
     plan, Tucker-2 at 0.35x, the best family there.)
     """
     seeds = []

@@ -180,6 +180,22 @@ def test_sensitivity_ties_in_the_score_are_broken_by_output_distortion(digits_ml
     assert 0.6 * result.baseline.flops < lagrangian.user_attrs["flops"] <= 0.8 * result.baseline.flops
 
 
+def test_the_sensitivity_scan_takes_dearer_ranks_of_a_lossless_one_as_lossless(digits_mlp) -> None:
+    """A score that cannot tell a compressed layer from the original (here: constant) is called once
+    per layer and method, at the cheapest rank; the dearer ranks stay in the table, lossless."""
+    model, data = digits_mlp
+    result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.8, n_trials=2, seed=0,
+                                 show_progress_bar=False, eval_fn=lambda m: 1.0)
+    table = result.sensitivity
+    methods = {layer: {method for method, _, _ in options} for layer, options in table.losses.items()}
+    assert table.evaluations == sum(len(m) for m in methods.values())
+    assert sum(len(options) for options in table.losses.values()) >= 2 * table.evaluations  # the dearer ranks
+    for options in table.losses.values():  # still ordered: a dearer rank changes the outputs less
+        for method in {m for m, _, _ in options}:
+            by_rank = sorted((rank, loss) for m, rank, loss in options if m == method)
+            assert [loss for _, loss in by_rank] == sorted((loss for _, loss in by_rank), reverse=True)
+
+
 def test_latency_target_through_a_user_latency_fn(digits_mlp, tmp_path, monkeypatch) -> None:
     """A remote device stands behind latency_fn; here a deterministic one: fixed cost per layer plus per FLOP."""
     monkeypatch.setenv("RANKSEARCH_CACHE_DIR", str(tmp_path))  # an empty latency cache: the table must measure
