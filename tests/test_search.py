@@ -873,11 +873,47 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
     assert result.plan.metadata["trial"] == second.number
 
     state.update(final=False, slow_flops=None)
-    monkeypatch.setattr(ranksearch.final_checks, "_CHECK_SCATTER", 0.0)  # any expected miss skipped
+    monkeypatch.setattr(ranksearch.final_checks, "_CHECK_SCATTER", 0.0)  # any expected miss skipped,
+    monkeypatch.setattr(ranksearch.final_checks, "_CHECKS_BEFORE_SKIPPING", 1)  # after the first check
     skipping = ranksearch.optimize(model, x, **kwargs)
     assert skipping.plan.metadata["trial"] not in (second.number, third.number)
     assert set(skipping.study.user_attrs["final_checks"]) == {str(best.number), str(skipping.plan.metadata["trial"])}
     assert skipping.final.score <= result.final.score
+
+
+def test_one_slow_first_check_does_not_leave_the_next_plans_unchecked(digits_mlp, monkeypatch) -> None:
+    """The first plan checked is caught in a slow moment, 25% over its trial's timing. Scaled by that one
+    check, every later plan would be expected far over the limit and skipped; the next best is checked
+    instead, passes and is the answer (no skip rests on fewer than three checks)."""
+    import ranksearch.final_checks
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    original_flops = count_flops(model, x)
+    state = {"final": False, "slow_flops": None}
+
+    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; the first plan checked takes 25% more
+        flops = count_flops(m, inputs)
+        if state["final"] and flops != original_flops and state["slow_flops"] is None:
+            state["slow_flops"] = flops
+        return flops / 1e6 * (1.25 if state["final"] and flops == state["slow_flops"] else 1.0)
+
+    _when_the_trials_end(monkeypatch, state, "final", True)
+    monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)  # the miss is not cut to fit: the next plans decide
+    kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
+                  show_progress_bar=False, sensitivity=False)
+    result = ranksearch.optimize(model, x, **kwargs)
+    best, second = ranksearch.study.best_feasible(result.study.trials[:10])[:2]
+    limit = 0.7 * 1.03 * result.baseline.latency_ms
+    assert result.study.user_attrs["final_checks"][str(best.number)] > limit  # the best missed
+    assert second.user_attrs["measured_latency_ms"] * 1.25 > limit * 1.05  # expected far over, by that check
+    assert result.plan.metadata["trial"] == second.number
+
+    state.update(final=False, slow_flops=None)
+    monkeypatch.setattr(ranksearch.final_checks, "_CHECKS_BEFORE_SKIPPING", 1)  # skipping after one check
+    skipping = ranksearch.optimize(model, x, **kwargs)
+    assert skipping.plan.metadata["trial"] != second.number
+    assert skipping.final.score < result.final.score
 
 
 def test_a_repair_its_own_trial_timing_rules_out_is_still_checked(digits_mlp, monkeypatch) -> None:
