@@ -192,8 +192,8 @@ def _channels_last(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose conv weights (and so its activations) are channels-last, to score it.
 
     On this CPU torch's convs run the CNN that way ~1.45x faster (the validation split, alternating,
-    12 times each: median 0.55 s -> 0.38 s; a fine-tune epoch 8.4 -> 6.9 s), a third of the benchmark's
-    wall time being such scoring and fine-tuning. Scores are unchanged (the original's test accuracy
+    12 times each: median 0.55 s -> 0.38 s; a fine-tune epoch 8.4 -> 6.9 s); in a profiled run, 38% of
+    the benchmark's wall time went to scoring and fine-tuning. Scores are unchanged (the original's test accuracy
     is the same). A copy: the model scored is also timed, and timings stay in the default layout.
     (Converting the 1-channel images instead does nothing: for one channel both layouts are the same.)
     """
