@@ -842,6 +842,26 @@ def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(d
     assert plain.plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
 
 
+def _first_plan_checked_slower(monkeypatch, model: nn.Module, x: torch.Tensor, factor: float):
+    """A ``latency_fn`` (FLOPs as ms) under which, once the trials end, the first plan checked takes
+    ``factor`` times as long (one slow moment), and the state that says so; the miss is not repaired,
+    so that the next plans decide. Returns ``(latency_fn, state)``."""
+    import ranksearch.final_checks
+
+    original_flops = count_flops(model, x)
+    state = {"final": False, "slow_flops": None}
+
+    def latency_fn(m: nn.Module, inputs) -> float:
+        flops = count_flops(m, inputs)
+        if state["final"] and flops != original_flops and state["slow_flops"] is None:
+            state["slow_flops"] = flops
+        return flops / 1e6 * (factor if state["final"] and flops == state["slow_flops"] else 1.0)
+
+    _when_the_trials_end(monkeypatch, state, "final", True)
+    monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)
+    return latency_fn, state
+
+
 def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked(digits_mlp, monkeypatch) -> None:
     """After a first check 8% over its trial's timing (one slow moment), the next plans are expected
     8% over theirs: the next two best, 2-4% under the target in their trials, 1-3% over the limit.
@@ -850,17 +870,7 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
 
     model, data = digits_mlp
     x = data.x_test[:16]
-    original_flops = count_flops(model, x)
-    state = {"final": False, "slow_flops": None}
-
-    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; the first plan checked takes 8% more
-        flops = count_flops(m, inputs)
-        if state["final"] and flops != original_flops and state["slow_flops"] is None:
-            state["slow_flops"] = flops
-        return flops / 1e6 * (1.08 if state["final"] and flops == state["slow_flops"] else 1.0)
-
-    _when_the_trials_end(monkeypatch, state, "final", True)
-    monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)  # the miss is not cut to fit: the next plans decide
+    latency_fn, state = _first_plan_checked_slower(monkeypatch, model, x, 1.08)
     kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
                   show_progress_bar=False, sensitivity=False)
     result = ranksearch.optimize(model, x, **kwargs)
@@ -889,17 +899,7 @@ def test_one_slow_first_check_does_not_leave_the_next_plans_unchecked(digits_mlp
 
     model, data = digits_mlp
     x = data.x_test[:16]
-    original_flops = count_flops(model, x)
-    state = {"final": False, "slow_flops": None}
-
-    def latency_fn(m: nn.Module, inputs) -> float:  # FLOPs as ms; the first plan checked takes 25% more
-        flops = count_flops(m, inputs)
-        if state["final"] and flops != original_flops and state["slow_flops"] is None:
-            state["slow_flops"] = flops
-        return flops / 1e6 * (1.25 if state["final"] and flops == state["slow_flops"] else 1.0)
-
-    _when_the_trials_end(monkeypatch, state, "final", True)
-    monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)  # the miss is not cut to fit: the next plans decide
+    latency_fn, state = _first_plan_checked_slower(monkeypatch, model, x, 1.25)
     kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
                   show_progress_bar=False, sensitivity=False)
     result = ranksearch.optimize(model, x, **kwargs)
