@@ -843,9 +843,9 @@ def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(d
 
 
 def _first_plan_checked_slower(monkeypatch, model: nn.Module, x: torch.Tensor, factor: float):
-    """A ``latency_fn`` (FLOPs as ms) under which, once the trials end, the first plan checked takes
-    ``factor`` times as long (one slow moment), and the state that says so; the miss is not repaired,
-    so that the next plans decide. Returns ``(latency_fn, state)``."""
+    """``optimize`` options for a 0.7x search with a ``latency_fn`` (FLOPs as ms) under which, once the
+    trials end, the first plan checked takes ``factor`` times as long (one slow moment), and the state
+    that says so; the miss is not repaired, so that the next plans decide. Returns ``(kwargs, state)``."""
     import ranksearch.final_checks
 
     original_flops = count_flops(model, x)
@@ -859,7 +859,9 @@ def _first_plan_checked_slower(monkeypatch, model: nn.Module, x: torch.Tensor, f
 
     _when_the_trials_end(monkeypatch, state, "final", True)
     monkeypatch.setattr(ranksearch.final_checks, "_REPAIRS", 0)
-    return latency_fn, state
+    kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
+                  show_progress_bar=False, sensitivity=False)
+    return kwargs, state
 
 
 def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked(digits_mlp, monkeypatch) -> None:
@@ -870,9 +872,7 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
 
     model, data = digits_mlp
     x = data.x_test[:16]
-    latency_fn, state = _first_plan_checked_slower(monkeypatch, model, x, 1.08)
-    kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
-                  show_progress_bar=False, sensitivity=False)
+    kwargs, state = _first_plan_checked_slower(monkeypatch, model, x, 1.08)
     result = ranksearch.optimize(model, x, **kwargs)
     ranked = ranksearch.study.best_feasible(result.study.trials[:10])
     limit = 0.7 * 1.03 * result.baseline.latency_ms
@@ -899,9 +899,7 @@ def test_one_slow_first_check_does_not_leave_the_next_plans_unchecked(digits_mlp
 
     model, data = digits_mlp
     x = data.x_test[:16]
-    latency_fn, state = _first_plan_checked_slower(monkeypatch, model, x, 1.25)
-    kwargs = dict(target_latency_ratio=0.7, latency_tolerance=0.03, latency_fn=latency_fn, n_trials=10, seed=0,
-                  show_progress_bar=False, sensitivity=False)
+    kwargs, state = _first_plan_checked_slower(monkeypatch, model, x, 1.25)
     result = ranksearch.optimize(model, x, **kwargs)
     best, second = ranksearch.study.best_feasible(result.study.trials[:10])[:2]
     limit = 0.7 * 1.03 * result.baseline.latency_ms
