@@ -85,9 +85,11 @@ class SearchResult:
 
     def headroom_spares(self) -> list[ParetoPoint]:
         """The returned plan cut to about 5% under its final check, best quality first: what to take
-        when your own timing finds the answer a few percent over the target. Empty when the answer
-        had that much room already or no cut fitted, and with ``finetune_fn`` when the plan returned
-        is not the best before fine-tuning (the spares are cut from that one: ``spare_for``)."""
+        when your own timing finds the answer a few percent over the target. When the search's own
+        final checks came further over their trials' timings (a noisy machine), also a spare cut that
+        much under (up to 15%). Empty when the answer had that much room already or no cut fitted,
+        and with ``finetune_fn`` when the plan returned is not the best before fine-tuning (the spares
+        are cut from that one: ``spare_for``)."""
         return [p for p in self.pareto if p.spare_for is not None and p.spare_for == self.plan.metadata.get("trial")]
 
     def summary(self) -> str:
