@@ -137,9 +137,9 @@ def _spare_headrooms(checked: list[tuple[float, optuna.trial.FrozenTrial]]) -> l
 
 def _headroom_cut(study: optuna.Study, search: TrialRunner, trial: optuna.trial.FrozenTrial, verified_ms: float,
                   target_ms: float | None, sensitivity: SensitivityTable | None, headrooms: list[float]) -> None:
-    """For each of ``headrooms`` that the answer's final check leaves it less than under the latency
-    target (or over it, within the tolerance), its plan cut to about that much under that
-    measurement, as more trials (``move="headroom"``): spares on the Pareto front (``result.pareto``)
+    """For each headroom in ``headrooms`` (relative) when the answer's final check puts it less than
+    that much under the latency target (or over it, within the tolerance): its plan cut to about
+    that much under that measurement, as more trials (``move="headroom"``): spares on the Pareto front (``result.pareto``)
     for a device, or a later timing, that finds the answer slower. A search spends its trials at the
     budget, so without them the next plan there under the target is often much worse. The answer
     itself is unchanged.
@@ -149,8 +149,8 @@ def _headroom_cut(study: optuna.Study, search: TrialRunner, trial: optuna.trial.
     for headroom in headrooms:
         if verified_ms >= target_ms * (1 - headroom):
             if headroom > _HEADROOM:
-                log.info("this search's final checks came up to %.0f%% over their trials' timings: a second spare "
-                         "cut that much under the answer", 100 * headroom)
+                log.info("this search's final checks came up to %.0f%% over their trials' timings: the answer is "
+                         "also cut that much under, where a cut fits", 100 * headroom)
             _repair(study, search, trial, verified_ms * (1 + headroom), sensitivity, move=HEADROOM_MOVE)
 
 
