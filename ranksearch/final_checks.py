@@ -126,12 +126,16 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
             and ((t.state == optuna.trial.TrialState.COMPLETE and is_feasible(t)) or _missed_latency_only(t))]
 
 
+def _check_to_trial_ratios(checked: list[tuple[float, optuna.trial.FrozenTrial]]) -> list[float]:
+    """Each final check so far (``(measured ms, trial)``) over its trial's own timing, where it has one."""
+    return [ms / t.user_attrs["measured_latency_ms"] for ms, t in checked if t.user_attrs.get("measured_latency_ms")]
+
+
 def _spare_headrooms(checked: list[tuple[float, optuna.trial.FrozenTrial]]) -> list[float]:
     """How far under the answer's final check its spares are cut: ``_HEADROOM``, and the most a final
     check of this search came over its trial's timing (up to ``_MAX_HEADROOM``) when that is more
     than ``_DEEP_HEADROOM_FROM``: how much slower a later timing on this machine may well find the answer."""
-    over = max((ms / t.user_attrs["measured_latency_ms"] - 1 for ms, t in checked
-                if t.user_attrs.get("measured_latency_ms")), default=0.0)
+    over = max(_check_to_trial_ratios(checked), default=1.0) - 1
     return [_HEADROOM] + ([min(over, _MAX_HEADROOM)] if over > _DEEP_HEADROOM_FROM else [])
 
 
@@ -139,8 +143,8 @@ def _headroom_cut(study: optuna.Study, search: TrialRunner, trial: optuna.trial.
                   target_ms: float | None, sensitivity: SensitivityTable | None, headrooms: list[float]) -> None:
     """For each headroom in ``headrooms`` (relative) when the answer's final check puts it less than
     that much under the latency target (or over it, within the tolerance): its plan cut to about
-    that much under that measurement, as more trials (``move="headroom"``): spares on the Pareto front (``result.pareto``)
-    for a device, or a later timing, that finds the answer slower. A search spends its trials at the
+    that much under that measurement, as more trials (``move="headroom"``): spares on the Pareto
+    front (``result.pareto``) for a device, or a later timing, that finds the answer slower. A search spends its trials at the
     budget, so without them the next plan there under the target is often much worse. The answer
     itself is unchanged.
     """
@@ -230,7 +234,7 @@ def _expected_check_ms(trial: optuna.trial.FrozenTrial, checked: list[tuple[floa
     0.989, against 0.983 and 0.972).
     """
     in_trial = trial.user_attrs.get("measured_latency_ms")
-    ratios = [ms / t.user_attrs["measured_latency_ms"] for ms, t in checked if t.user_attrs.get("measured_latency_ms")]
+    ratios = _check_to_trial_ratios(checked)
     if in_trial is None or not ratios:
         return predict(trial)
     return in_trial * statistics.median(ratios)
