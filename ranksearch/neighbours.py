@@ -9,11 +9,13 @@ the best feasible trial, queued into the Optuna study with its exact ranks:
   another a lower one (or is compressed when it was kept), so the latency stays about the same;
 * a **switch** gives one compressed layer another method at the same cost fraction;
 * a **grow** spends the slack of a plan that came in under the budget (a seed fitted by a few noisy
-  measurements often lands several percent short): layers picked at random get their next larger
-  rank, one at a time, while the plan's latency - predicted, scaled by how far the prediction
-  was off on the plan itself - has used no more than half the slack (the next grow takes the
-  rest). A plan whose grows keep breaking the budget has no real slack (its measurement flattered
-  it), and is not grown again.
+  measurements often lands several percent short): layers get their next larger rank, one at a
+  time, while the plan's latency - predicted, scaled by how far the prediction was off on the plan
+  itself - has used no more than half the slack (the next grow takes the rest). With a
+  sensitivity table, a plan's first grow raises first the layers where the table says a step buys
+  the most quality per millisecond; its later grows, and steps the table sees no gain in, pick
+  layers at random. A plan whose grows keep breaking the budget has no real slack (its measurement
+  flattered it), and is not grown again.
 
 Moves act on the plan's exact (method, rank) choices, not on the sampler's rounded parameters, so a
 neighbour of a plan fitted tightly to the budget differs from it only where it was moved. The
@@ -37,6 +39,7 @@ import optuna
 from .decompose.base import Rank
 from .fitting import Choices, choices_key
 from .layers import LayerSpec
+from .sensitivity import SensitivityTable, step_value
 from .space import LayerCandidates, SearchSpace
 from .study import best_feasible, plan_of
 from .warmstart import Seed
@@ -44,7 +47,7 @@ from .warmstart import Seed
 if TYPE_CHECKING:
     from .trials import TrialRunner
 
-__all__ = ["NeighbourMoves", "grown_choices", "neighbour_choices", "tightened_choices", "tried_plans"]
+__all__ = ["NeighbourMoves", "StepValue", "grown_choices", "neighbour_choices", "tightened_choices", "tried_plans"]
 
 # a plan this far (relative) under its budget has slack worth spending (about the measurement noise)
 _SLACK = 0.03
@@ -73,18 +76,37 @@ def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], s
     return moved
 
 
+#: ``value(name, method, rank, raised)``: what raising a layer from ``rank`` to ``raised`` (``None``:
+#: kept) buys per unit of cost, > 0 when it buys anything (``ranksearch.sensitivity.step_value``)
+StepValue = Callable[[str, str, Rank, "Rank | None"], float]
+
+
 def grown_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,
-                  rng: np.random.Generator, fits: Callable[[Choices], bool]) -> Choices:
-    """``choices`` with compressed layers raised to their next rank on the grid, one at a time in
-    random order, as long as ``fits`` accepts the plan (a layer past the top of the range is kept)."""
+                  rng: np.random.Generator, fits: Callable[[Choices], bool], value: StepValue | None = None) -> Choices:
+    """``choices`` with compressed layers raised to their next rank on the grid, one at a time, as
+    long as ``fits`` accepts the plan (a layer past the top of the range is kept); a layer whose step
+    does not fit is not raised again.
+
+    The layers go in random order; with ``value``, the layer whose next step is worth most goes
+    first, and the random order takes over once no step left is worth anything.
+    """
     by_name = {c.spec.name: c for c in searchable}
     out = dict(choices)
     open_layers = [name for name in out if name in by_name]
+
+    def next_up(name: str) -> Rank | None:
+        method, rank = out[name]
+        return _next_rank_up(by_name[name].spec, method, rank, space)
+
     while open_layers:
-        name = open_layers.pop(int(rng.integers(len(open_layers))))
+        worth = [value(name, *out[name], next_up(name)) for name in open_layers] if value is not None else []
+        if worth and max(worth) > 0:
+            name = open_layers.pop(int(np.argmax(worth)))
+        else:
+            name = open_layers.pop(int(rng.integers(len(open_layers))))
         method, rank = out[name]
         grown = dict(out)
-        raised = _next_rank_up(by_name[name].spec, method, rank, space)
+        raised = next_up(name)
         if raised is None:
             del grown[name]  # past the top of the range: kept
         else:
@@ -196,11 +218,15 @@ class NeighbourMoves:
         runner: the search's trial runner (layers, space, and how a plan is queued).
         total: trials wanted; nothing is queued for trials past it.
         seed: makes the moves reproducible.
+        sensitivity: the search's per-layer sensitivity table, if any: a plan's first grow raises the
+            layers where it says a step buys the most quality per cost.
     """
 
-    def __init__(self, runner: TrialRunner, total: int, seed: int | None = None) -> None:
+    def __init__(self, runner: TrialRunner, total: int, seed: int | None = None,
+                 sensitivity: SensitivityTable | None = None) -> None:
         self.runner = runner
         self.total = total
+        self.value = step_value(runner, sensitivity) if sensitivity is not None else None
         self.rng = np.random.default_rng(seed)
         self.endgame = max(_ENDGAME_MIN, round(_ENDGAME_SHARE * total))
 
@@ -218,10 +244,12 @@ class NeighbourMoves:
         tried = tried_plans(trials, runner.fingerprint)
         if self._worth_growing(parent_trial, trials):
             fits = runner.fits_beside(parent, parent_trial.user_attrs.get("measured_latency_ms"), spend=_GROW_SHARE)
-            choices = grown_choices(parent, runner.searchable, runner.space, self.rng, fits)
-            if choices_key(choices) not in tried:
-                runner.enqueue(study, Seed("neighbour", choices), neighbour_of=parent_trial.number, move="grow")
-                return
+            # the table's order first; once that plan was tried (a second grow of this plan), random order
+            for value in ([self.value] if self.value is not None else []) + [None]:
+                choices = grown_choices(parent, runner.searchable, runner.space, self.rng, fits, value)
+                if choices_key(choices) not in tried:
+                    runner.enqueue(study, Seed("neighbour", choices), neighbour_of=parent_trial.number, move="grow")
+                    return
         for _ in range(10):  # a move can land on a plan already tried; try another
             choices = neighbour_choices(parent, runner.searchable, runner.space, self.rng)
             if choices_key(choices) not in tried:

@@ -333,7 +333,7 @@ def optimize(
         try:
             with quiet_optuna():
                 study.optimize(search.objective, n_trials=remaining, timeout=timeout, catch=(EvaluationError,),
-                               callbacks=[progress, NeighbourMoves(search, n_trials, seed)])
+                               callbacks=[progress, NeighbourMoves(search, n_trials, seed, sensitivity=table)])
         except KeyboardInterrupt:
             log.warning("search interrupted: %d trials are kept in the study; rerun with the same storage and "
                         "study_name to resume", len(study.trials))

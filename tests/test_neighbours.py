@@ -3,6 +3,8 @@ and taking the last trials of the budget."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import optuna
 import pytest
@@ -143,3 +145,108 @@ def test_plans_under_budget_are_grown_towards_it() -> None:
         after = {c["name"]: c for c in grow.user_attrs["plan"] if c["method"] != "keep"}
         assert set(after) <= set(before)
         assert all(after[n]["rank"] >= before[n]["rank"] for n in after)  # svd ranks: ints
+
+
+def test_a_grow_with_step_values_raises_the_layer_worth_most_first_then_spends_the_rest(conv_candidates) -> None:
+    searchable, space = conv_candidates
+    choices = {c.spec.name: (c.methods[0], space.rank_for(c.spec, c.methods[0], 0.3)) for c in searchable}
+    favoured = searchable[1].spec.name
+
+    def flops(plan: dict) -> float:
+        return sum(space.cost_fraction_of(c.spec, *plan[c.spec.name]) * c.spec.flops if c.spec.name in plan
+                   else c.spec.flops for c in searchable)
+
+    def value(name, method, rank, raised) -> float:
+        return 1.0 if name == favoured else 0.0  # only the favoured layer gains anything
+
+    def steps(plan: dict, name: str) -> float:
+        cand = next(c for c in searchable if c.spec.name == name)
+        return space.cost_fraction_of(cand.spec, *plan[name]) if name in plan else 1.0
+
+    # room for one step of the favoured layer and no more
+    one_step = dict(choices)
+    one_step[favoured] = (choices[favoured][0], neighbours._next_rank_up(
+        searchable[1].spec, *choices[favoured], space))
+    tight = flops(one_step)
+    for seed in range(5):  # at random, another layer's step would often come first
+        grown = grown_choices(choices, searchable, space, np.random.default_rng(seed),
+                              lambda plan: flops(plan) <= tight, value)
+        assert grown == one_step
+    # with room to spare, the favoured layer first, then the rest in random order
+    roomy = flops(choices) * 1.3
+    for seed in range(5):
+        grown = grown_choices(choices, searchable, space, np.random.default_rng(seed),
+                              lambda plan: flops(plan) <= roomy, value)
+        assert flops(grown) <= roomy and flops(grown) > flops(one_step)
+        assert steps(grown, favoured) >= steps(one_step, favoured)
+        # saturated, as a random grow is
+        assert grown_choices(grown, searchable, space, np.random.default_rng(seed), lambda plan: flops(plan) <= roomy) == grown
+
+
+def test_step_values_follow_the_sensitivity_table_per_unit_of_cost() -> None:
+    from types import SimpleNamespace
+
+    from ranksearch.sensitivity import SensitivityTable, step_value
+
+    # layers whose cost is their rank (ms), 16 kept ("d": 1 kept, its dense layer is the fastest);
+    # the table scored ranks 8, 4 and 2
+    losses = {"a": (("svd", 8, 0.0), ("svd", 4, 0.01), ("svd", 2, 0.3)),
+              "b": (("svd", 8, 0.0), ("svd", 4, 0.2), ("svd", 2, 0.5)),
+              "c": (("svd", 8, 0.0), ("svd", 2, 0.0)),
+              "d": (("svd", 8, 0.05), ("svd", 2, 0.4))}
+    runner = SimpleNamespace(
+        workbench=SimpleNamespace(specs={n: None for n in losses}),
+        predictor=SimpleNamespace(table=SimpleNamespace(
+            layer_ms=lambda name, method, rank: (1.0 if name == "d" else 16.0) if rank is None else float(rank))),
+    )
+    value = step_value(runner, SensitivityTable(losses, fingerprint="x", evaluations=7, seconds=0.0))
+    assert value("a", "svd", 2, 4) == pytest.approx(0.29 / 2)
+    assert value("b", "svd", 4, 6) == pytest.approx(0.1 / 2)  # halfway to rank 8, by cost
+    assert value("a", "svd", 4, 6) == pytest.approx(0.005 / 2)
+    assert value("b", "svd", 8, None) == 0.0  # nothing left to gain by keeping it
+    assert value("c", "svd", 2, 4) == 0.0  # the table sees no loss at any rank
+    assert value("d", "svd", 8, None) == math.inf  # a gain that costs nothing comes first
+    assert value("a", "channel", 2, 4) == 0.0  # a method the table did not score
+
+
+def test_a_plans_first_grow_follows_the_sensitivity_table() -> None:
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10)).eval()
+    x = torch.randn(32, 1, 8, 8)
+    try:  # the table this search measures (one trial rarely meets the budget)
+        measured = ranksearch.optimize(model, x, target_flops=0.3, n_trials=1, seed=0, show_progress_bar=False).sensitivity
+    except ranksearch.TargetUnreachableError as exc:
+        measured = exc.sensitivity
+    # a table that says only the first layer loses anything, and less the higher its rank
+    favoured = "1"
+    losses = {name: tuple((m, r, (1.0 / (1 + r) if name == favoured else 0.0)) for m, r, _ in entries)
+              for name, entries in measured.losses.items()}
+    table = dataclasses.replace(measured, losses=losses)
+    result = ranksearch.optimize(model, x, target_flops=0.3, n_trials=10, seed=0, show_progress_bar=False,
+                                 sensitivity=table)
+    trials = result.study.trials
+    first_grows = {}
+    for t in trials:
+        if t.user_attrs.get("move") == "grow":
+            first_grows.setdefault(t.user_attrs["neighbour_of"], t)
+    assert first_grows, "a plan well under the FLOP budget was never grown"
+    specs = {s.name: s for s in capture_layer_specs(model, x)}
+
+    def layer_flops(choice: dict) -> int:
+        spec = specs[choice["name"]]
+        return spec.flops if choice["method"] == "keep" else ranksearch.get_method(choice["method"]).cost(spec, choice["rank"]).flops
+
+    def flops_per_layer(trial) -> dict[str, int]:  # a layer the plan does not list is kept
+        listed = {c["name"]: layer_flops(c) for c in trial.user_attrs["plan"]}
+        return {name: listed.get(name, spec.flops) for name, spec in specs.items() if name in measured.losses}
+
+    for parent_number, grow in first_grows.items():
+        before, after = flops_per_layer(trials[parent_number]), flops_per_layer(grow)
+        added = {name: after[name] - before[name] for name in before}
+        # the favoured layer takes the steps until its next one does not fit; the others, the rest of
+        # the slack, less than that step
+        assert added[favoured] > 0
+        assert added[favoured] >= sum(v for name, v in added.items() if name != favoured)
