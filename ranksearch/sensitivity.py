@@ -378,8 +378,12 @@ def step_value(runner: TrialRunner, table: SensitivityTable) -> Callable[[str, s
     and nothing on the other seven.
     """
 
+    interpolated: dict[tuple[str, str], Callable[[Rank], Option] | None] = {}  # a grow asks about each layer often
+
     def value(name: str, method: str, rank: Rank, raised: Rank | None) -> float:
-        option = _interpolated(runner, table, name, method)
+        if (name, method) not in interpolated:
+            interpolated[name, method] = _interpolated(runner, table, name, method)
+        option = interpolated[name, method]
         if option is None:
             return 0.0
         now = option(rank)
