@@ -159,7 +159,7 @@ def test_a_grow_with_step_values_raises_the_layer_worth_most_first_then_spends_t
     def value(name, method, rank, raised) -> float:
         return 1.0 if name == favoured else 0.0  # only the favoured layer gains anything
 
-    def steps(plan: dict, name: str) -> float:
+    def fraction(plan: dict, name: str) -> float:  # a layer's cost fraction in the plan (1: kept)
         cand = next(c for c in searchable if c.spec.name == name)
         return space.cost_fraction_of(cand.spec, *plan[name]) if name in plan else 1.0
 
@@ -178,7 +178,7 @@ def test_a_grow_with_step_values_raises_the_layer_worth_most_first_then_spends_t
         grown = grown_choices(choices, searchable, space, np.random.default_rng(seed),
                               lambda plan: flops(plan) <= roomy, value)
         assert flops(grown) <= roomy and flops(grown) > flops(one_step)
-        assert steps(grown, favoured) >= steps(one_step, favoured)
+        assert fraction(grown, favoured) >= fraction(one_step, favoured)
         # saturated, as a random grow is
         assert grown_choices(grown, searchable, space, np.random.default_rng(seed), lambda plan: flops(plan) <= roomy) == grown
 
