@@ -37,6 +37,7 @@ from ranksearch.cost import (
     FLOP_CONVENTION, LatencyPredictor, LatencyTable, count_flops, count_params, measure_latency,
 )
 from ranksearch.layers import LayerSpec
+from ranksearch.workbench import plan_cost
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import ResNetCNN  # the benchmark's CNN; here with 3 input channels, 32/64/96 wide, random weights
@@ -90,14 +91,6 @@ class TinyEncoder(nn.Module):
 
 def applicable(spec: LayerSpec) -> list[str]:
     return [m for m in ranksearch.methods() if get_method(m).supports(spec)]
-
-
-def analytic_flops(model_flops: int, specs: dict[str, LayerSpec], plan: CompressionPlan) -> int:
-    total = model_flops
-    for choice in plan.replaced:
-        spec = specs[choice.name]
-        total += get_method(choice.method).cost(spec, choice.rank).flops - spec.flops  # type: ignore[arg-type]
-    return total
 
 
 def timing_copy(model: nn.Module, plan: CompressionPlan) -> nn.Module:
@@ -200,7 +193,7 @@ class Bench:
             measured, baseline_now = measure_plan(plan)
             steady = measured * baseline / baseline_now
             drifts.append(baseline_now / baseline - 1)
-            flop_guess = baseline * analytic_flops(flops, specs, plan) / flops  # the naive guess
+            flop_guess = baseline * (flops - plan_cost(list(specs.values()), plan).flops) / flops  # the naive guess
             predicted = predictor_raw.predict(plan)
             for key, truth in (("", measured), ("_steady", steady)):
                 errors["flops" + key].append(abs(flop_guess - truth) / truth)
@@ -244,7 +237,7 @@ class Bench:
                 if not choices:
                     continue
                 plan = CompressionPlan.for_model(model, choices)
-                new_flops = analytic_flops(flops, specs, plan)
+                new_flops = flops - plan_cost(list(specs.values()), plan).flops
                 # fvcore's count of the rebuilt model must equal the analytic one (slow: full mode only)
                 if not self.quick and count_flops(timing_copy(model, plan), x) != new_flops:
                     raise AssertionError(f"{method} at {fraction}: analytic cost differs from fvcore's count")

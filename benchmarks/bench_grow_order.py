@@ -26,7 +26,6 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")  # fvcore's im
 
 import ranksearch  # noqa: E402
 from ranksearch.neighbours import grown_choices  # noqa: E402
+from ranksearch.plan import KEEP  # noqa: E402
 from ranksearch.sensitivity import step_value  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,14 +64,16 @@ def compare(task: Task, space_name: str, pairs: tuple, orders: int) -> list[str]
     specs = ranksearch.capture_layer_specs(task.model, inputs)
     candidates = [c for c in space.candidates(specs) if c.searchable]
     table = sensitivity_table(task, inputs, space)
-    # step_value reads layer costs from a search's runner; under a FLOP budget they are FLOPs
-    costs_in_flops = SimpleNamespace(workbench=SimpleNamespace(specs={c.spec.name: c.spec for c in candidates}),
-                                     predictor=None, targets=SimpleNamespace(flops=1.0))
-    value = step_value(costs_in_flops, table)  # type: ignore[arg-type]
+    by_name = {c.spec.name: c.spec for c in candidates}
 
-    def flops(choices: Choices) -> int:
-        return sum(ranksearch.get_method(choices[c.spec.name][0]).cost(c.spec, choices[c.spec.name][1]).flops
-                   if c.spec.name in choices else c.spec.flops for c in candidates)
+    def layer_flops(name: str, method: str, rank: object) -> float:  # what a FLOP budget counts per layer
+        spec = by_name[name]
+        return float(spec.flops if rank is None else ranksearch.get_method(method).cost(spec, rank).flops)
+
+    value = step_value(table, layer_flops)
+
+    def flops(choices: Choices) -> float:
+        return sum(layer_flops(name, *choices.get(name, (KEEP, None))) for name in by_name)
 
     def scores(choices: Choices) -> tuple[float, float]:
         model = ranksearch.apply_plan(task.model, make_plan(task.model, choices, "grow-order")).eval()

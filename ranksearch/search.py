@@ -9,15 +9,15 @@ How a search runs:
    latency target when the space's fastest plan, timed alternately with the original, is well over it.
 3. Heuristic plans (VBMF, energy thresholds) and plans fitted to the budget (one knob each, tuned
    on predicted and then measured latency) are enqueued as the first trials.
-4. Each trial picks, per layer, ``keep`` or a method and a *cost fraction* (the share of the
-   layer's FLOPs its replacement may cost, mapped to a rounded rank). Its FLOPs, parameters and
-   predicted latency (per-layer latency table) are computed first; a trial that clearly breaks a
-   budget is recorded as infeasible (pruned, with its Optuna constraints set) without being built.
+4. After the seeds, each trial is a neighbour of the best feasible plan so far (a local move:
+   ``ranksearch.neighbours``); while no plan is feasible, the sampler proposes, per layer, ``keep``
+   or a method and a *cost fraction* (the share of the layer's FLOPs its replacement may cost,
+   mapped to a rounded rank). A trial's FLOPs, parameters and predicted latency (per-layer latency
+   table) are computed first; a trial that clearly breaks a budget is recorded as infeasible
+   (pruned, with its Optuna constraints set) without being built.
 5. The others are rebuilt (only the changed layers are swapped in a working copy) and the whole
    model's latency is measured; that measurement decides feasibility and calibrates the latency
-   predictor. Feasible trials are scored. After the seeds, every other trial is a neighbour of the
-   best feasible plan so far, and the last trials all are (``ranksearch.neighbours``); the sampler
-   proposes the others.
+   predictor. Feasible trials are scored.
 6. The best feasible plan is rebuilt from the original and its latency measured again, alternately
    with the original so that the machine's drift during the search cancels out (a close call is
    timed for more rounds); if it misses the target by a little, it is cut to fit - uniformly, and
@@ -164,7 +164,7 @@ def optimize(
         storage: an Optuna storage URL or object (e.g. ``"sqlite:///study.db"``) to make the search resumable.
         study_name: the study's name in ``storage``; rerunning with the same name continues it.
         device: where latency is measured and the search runs (default: where the model is).
-        seed: makes sampling reproducible.
+        seed: makes the local moves and the sampler reproducible.
         latency_fn: ``latency_fn(model, example_inputs) -> ms`` for devices reached some other way.
         threads: torch threads latency is measured with (default: ``torch.get_num_threads()``); use the
             count the model will run with.

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from .space import LayerCandidates
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
-           "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "step_value"]
+           "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "step_value",
+           "budget_cost", "BudgetCost"]
 
 log = logging.getLogger("ranksearch.sensitivity")
 
@@ -68,6 +69,15 @@ class Option:
     rank: Rank | None
     loss: float
     cost: float
+
+
+#: ``cost(name, method, rank)``: what the budget counts for one layer so treated (``rank`` None: kept)
+BudgetCost = Callable[[str, str, "Rank | None"], float]
+
+
+def budget_cost(runner: TrialRunner) -> BudgetCost:
+    """The cost a search's budget counts for one layer: predicted latency, else FLOPs, else parameters."""
+    return partial(_layer_cost, runner)
 
 
 def _layer_cost(runner: TrialRunner, name: str, method: str, rank: Rank | None) -> float:
@@ -328,7 +338,7 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     now: dict[str, Option] = {}  # each layer's rank, cost and loss in ``cut``
     ladders: dict[str, list[Option]] = {}  # each layer's lower ranks, nearest first
     for name, (method, rank) in choices.items():
-        option = _interpolated(runner, table, name, method)
+        option = _interpolated(budget_cost(runner), table, name, method)
         if name not in by_name or option is None:
             continue
         now[name] = option(rank)
@@ -364,11 +374,12 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     return cut if cut != choices else None
 
 
-def step_value(runner: TrialRunner, table: SensitivityTable) -> Callable[[str, str, Rank, Rank | None], float]:
+def step_value(table: SensitivityTable, cost: BudgetCost) -> Callable[[str, str, Rank, Rank | None], float]:
     """``value(name, method, rank, raised)``: the loss ``table`` says a layer saves going from ``rank``
     to ``raised`` (``None``: kept, no loss) per unit of cost it adds (infinite when it adds none), 0
-    when it saves nothing. Losses between the ranks the table scored are interpolated by cost, as in
-    :func:`least_loss_cut`; the order of a grow (``ranksearch.neighbours.grown_choices``).
+    when it saves nothing. ``cost``: what the budget counts per layer (a search's: :func:`budget_cost`).
+    Losses between the ranks the table scored are interpolated by cost, as in :func:`least_loss_cut`;
+    the order of a grow (``ranksearch.neighbours.grown_choices``).
 
     Why: a grow spends a plan's slack one rank step at a time, and at random it spends it as much on
     the layers that gain nothing. The benchmark's CNN at batch 8, 0.5x latency: the energy plan at
@@ -382,12 +393,12 @@ def step_value(runner: TrialRunner, table: SensitivityTable) -> Callable[[str, s
 
     def value(name: str, method: str, rank: Rank, raised: Rank | None) -> float:
         if (name, method) not in interpolated:
-            interpolated[name, method] = _interpolated(runner, table, name, method)
+            interpolated[name, method] = _interpolated(cost, table, name, method)
         option = interpolated[name, method]
         if option is None:
             return 0.0
         now = option(rank)
-        after = Option(KEEP, None, 0.0, _layer_cost(runner, name, KEEP, None)) if raised is None else option(raised)
+        after = Option(KEEP, None, 0.0, cost(name, KEEP, None)) if raised is None else option(raised)
         saved = now.loss - after.loss
         if saved <= 0:
             return 0.0
@@ -396,18 +407,18 @@ def step_value(runner: TrialRunner, table: SensitivityTable) -> Callable[[str, s
     return value
 
 
-def _interpolated(runner: TrialRunner, table: SensitivityTable, name: str,
+def _interpolated(cost: BudgetCost, table: SensitivityTable, name: str,
                   method: str) -> Callable[[Rank], Option] | None:
     """``option(rank)``: a layer's option at any rank of ``method``, its loss interpolated by cost
     between the ranks ``table`` scored (``None`` when it scored none of that method)."""
-    scored = sorted((_layer_cost(runner, name, m, r), loss) for m, r, loss in table.losses.get(name, ()) if m == method)
+    scored = sorted((cost(name, m, r), loss) for m, r, loss in table.losses.get(name, ()) if m == method)
     if not scored:
         return None
     costs, losses = zip(*scored)
 
     def option(rank: Rank) -> Option:
-        cost = _layer_cost(runner, name, method, rank)
-        return Option(method, rank, float(np.interp(cost, costs, losses)), cost)
+        at = cost(name, method, rank)
+        return Option(method, rank, float(np.interp(at, costs, losses)), at)
 
     return option
 

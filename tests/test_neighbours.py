@@ -1,5 +1,5 @@
-"""ranksearch.neighbours: local moves around the best plan, alternating with the sampler's trials
-and taking the last trials of the budget."""
+"""ranksearch.neighbours: local moves around the best plan, every trial after the seeds once a plan
+meets the budget."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ranksearch.layers import capture_layer_specs
 from ranksearch import neighbours
 from ranksearch.neighbours import grown_choices, neighbour_choices, tightened_choices
 from ranksearch.space import load_space
+from ranksearch.study import best_feasible
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +47,41 @@ def test_moves_change_few_layers_and_stay_in_the_space(conv_candidates) -> None:
     assert choices == original  # the input is not modified
 
 
-def test_neighbours_alternate_with_sampled_trials_then_take_the_endgame() -> None:
+def test_every_trial_after_the_seeds_is_a_neighbour_of_the_best_plan() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
                           nn.Linear(96, 10)).eval()
     x = torch.randn(32, 1, 8, 8)
-    result = ranksearch.optimize(model, x, target_flops=0.5, n_trials=40, seed=0, show_progress_bar=False,
+    result = ranksearch.optimize(model, x, target_flops=0.5, n_trials=30, seed=0, show_progress_bar=False,
                                  sensitivity=False)
     trials = result.study.trials
-    assert len(trials) == 40  # the endgame's neighbours are part of the trial budget, not extra
+    assert len(trials) == 30  # the neighbours are part of the trial budget, not extra
     kinds = ["seed" if "seed" in t.user_attrs else "neighbour" if "neighbour_of" in t.user_attrs else "sampled"
              for t in trials]
-    first_other = next(i for i, k in enumerate(kinds) if k != "seed")
-    assert all(k == "seed" for k in kinds[:first_other]) and "seed" not in kinds[first_other:]
-    endgame = max(neighbours._ENDGAME_MIN, round(neighbours._ENDGAME_SHARE * 40))
-    middle, last = kinds[first_other:40 - endgame], kinds[40 - endgame:]
-    assert middle.count("neighbour") >= len(middle) // 2 - 1
-    assert all(not (a == b == "neighbour") for a, b in zip(middle, middle[1:]))
-    assert endgame == 6 and last == ["neighbour"] * endgame  # the last trials only refine the best plan
-    for t in trials:
-        if "neighbour_of" in t.user_attrs:
-            parent = trials[t.user_attrs["neighbour_of"]]
-            assert parent.state == optuna.trial.TrialState.COMPLETE and parent.number < t.number
-            assert t.params != parent.params
+    first_other = kinds.index("neighbour")
+    assert set(kinds[:first_other]) == {"seed"} and set(kinds[first_other:]) == {"neighbour"}
+    for t in trials[first_other:]:
+        parent = trials[t.user_attrs["neighbour_of"]]
+        assert parent.state == optuna.trial.TrialState.COMPLETE and parent.number < t.number
+        assert all(v <= 0 for v in parent.constraints.values())
+        # the best feasible plan when the move was queued (its trials finished by then)
+        assert parent.number == best_feasible(trials[:t.number])[0].number
+        assert t.params != parent.params
+
+
+def test_the_sampler_proposes_while_no_plan_meets_the_budget() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def over_budget(trial: optuna.Trial) -> tuple[float, float]:
+        trial.suggest_float("layer.cost_fraction", 0.05, 1.0)
+        trial.set_constraint("flops", 0.2)
+        return 0.5, 1.0
+
+    # no feasible parent: nothing is queued, so the runner (which queues moves) is never asked
+    study.optimize(over_budget, n_trials=4, callbacks=[neighbours.NeighbourMoves(runner=None, total=10)])
+    assert len(study.trials) == 4
+    assert all("neighbour_of" not in t.user_attrs for t in study.trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)  # none left waiting
 
 
 def test_grow_spends_the_slack_and_no_more(conv_candidates) -> None:
@@ -184,8 +197,6 @@ def test_a_grow_with_step_values_raises_the_layer_worth_most_first_then_spends_t
 
 
 def test_step_values_follow_the_sensitivity_table_per_unit_of_cost() -> None:
-    from types import SimpleNamespace
-
     from ranksearch.sensitivity import SensitivityTable, step_value
 
     # layers whose cost is their rank (ms), 16 kept ("d": 1 kept, its dense layer is the fastest);
@@ -194,12 +205,10 @@ def test_step_values_follow_the_sensitivity_table_per_unit_of_cost() -> None:
               "b": (("svd", 8, 0.0), ("svd", 4, 0.2), ("svd", 2, 0.5)),
               "c": (("svd", 8, 0.0), ("svd", 2, 0.0)),
               "d": (("svd", 8, 0.05), ("svd", 2, 0.4))}
-    runner = SimpleNamespace(
-        workbench=SimpleNamespace(specs={n: None for n in losses}),
-        predictor=SimpleNamespace(table=SimpleNamespace(
-            layer_ms=lambda name, method, rank: (1.0 if name == "d" else 16.0) if rank is None else float(rank))),
-    )
-    value = step_value(runner, SensitivityTable(losses, fingerprint="x", evaluations=7, seconds=0.0))
+    def cost(name: str, method: str, rank: int | None) -> float:
+        return (1.0 if name == "d" else 16.0) if rank is None else float(rank)
+
+    value = step_value(SensitivityTable(losses, fingerprint="x", evaluations=7, seconds=0.0), cost)
     assert value("a", "svd", 2, 4) == pytest.approx(0.29 / 2)
     assert value("b", "svd", 4, 6) == pytest.approx(0.1 / 2)  # halfway to rank 8, by cost
     assert value("a", "svd", 4, 6) == pytest.approx(0.005 / 2)
@@ -243,10 +252,24 @@ def test_a_plans_first_grow_follows_the_sensitivity_table() -> None:
         listed = {c["name"]: layer_flops(c) for c in trial.user_attrs["plan"]}
         return {name: listed.get(name, spec.flops) for name, spec in specs.items() if name in measured.losses}
 
+    space, budget = load_space(None), 0.3 * result.baseline.flops
+    raised_favoured = 0
     for parent_number, grow in first_grows.items():
-        before, after = flops_per_layer(trials[parent_number]), flops_per_layer(grow)
+        parent = trials[parent_number]
+        before, after = flops_per_layer(parent), flops_per_layer(grow)
         added = {name: after[name] - before[name] for name in before}
-        # the favoured layer takes the steps until its next one does not fit; the others, the rest of
-        # the slack, less than that step
-        assert added[favoured] > 0
-        assert added[favoured] >= sum(v for name, v in added.items() if name != favoured)
+        if added[favoured] > 0:
+            # the favoured layer takes the steps until its next one does not fit; the others, the rest
+            # of the slack, less than that step
+            raised_favoured += 1
+            assert added[favoured] >= sum(v for name, v in added.items() if name != favoured)
+            continue
+        # not raised: it is kept, or its first step is more than a grow spends (half the slack, less 1%)
+        choice = next((c for c in parent.user_attrs["plan"] if c["name"] == favoured), {"method": "keep"})
+        if choice["method"] != "keep":
+            raised = neighbours._next_rank_up(specs[favoured], choice["method"], choice["rank"], space)
+            step = (specs[favoured].flops if raised is None
+                    else ranksearch.get_method(choice["method"]).cost(specs[favoured], raised).flops) - before[favoured]
+            slack = -max(parent.constraints.values())
+            assert step > neighbours._GROW_SHARE * (slack - 0.01) * budget
+    assert raised_favoured >= 1
