@@ -312,12 +312,28 @@ def _warm_up(model: nn.Module, inputs: tuple[Any, ...], clock: Callable[[], floa
     return max(clock() - start, 0.0) / calls
 
 
-def _rejected_inputs(exc: Exception) -> InvalidInputsError:
-    """What a model raising ``exc`` on the example inputs while being timed tells the caller."""
-    return InvalidInputsError(
-        f"the model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
-        "pass inputs of the shape, dtype and device the model expects"
-    )
+@contextlib.contextmanager
+def _inputs_checked() -> Iterator[None]:
+    """Local timing: a model that raises on the example inputs is reported as bad inputs
+    (``InvalidInputsError``), except when the device ran out of memory (the inputs are not wrong)."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise InvalidInputsError(
+            f"the model rejected the example inputs while being timed ({type(exc).__name__}: {exc}); "
+            "pass inputs of the shape, dtype and device the model expects"
+        ) from exc
+
+
+def _check_timing_process(timing_process: Any, method: str, device: str | torch.device | None,
+                          model: nn.Module) -> None:
+    """A ``timing_process`` argument must be a TimingProcess (it has ``method``) timing on the CPU."""
+    if not callable(getattr(timing_process, method, None)):
+        raise InvalidInputsError("timing_process must be a ranksearch.cost.TimingProcess")
+    if resolve_device(device, model).type != "cpu":
+        raise InvalidInputsError("timing_process times on the CPU; for another device leave it out")
 
 
 def _time_locally(
@@ -444,11 +460,9 @@ def measure_latency(
     fn_calls = _positive_int(fn_calls, "fn_calls")
 
     if timing_process is not None:
-        if latency_fn is not None or not callable(getattr(timing_process, "measure", None)):
-            raise InvalidInputsError("timing_process must be a ranksearch.cost.TimingProcess, and it times on this "
-                                     "machine's CPU: it cannot be combined with latency_fn")
-        if resolve_device(device, model).type != "cpu":
-            raise InvalidInputsError("timing_process times on the CPU; for another device leave it out")
+        if latency_fn is not None:
+            raise InvalidInputsError("timing_process times on this machine's CPU: it cannot be combined with latency_fn")
+        _check_timing_process(timing_process, "measure", device, model)
         return timing_process.measure(model, as_input_tuple(example_inputs), {
             "threads": threads, "min_run_time": min_run_time, "max_spread": max_spread,
             "max_attempts": max_attempts, "clock": clock})
@@ -467,12 +481,8 @@ def measure_latency(
         timer_clock = _clock(clock, dev, threads)
 
         def attempt() -> _Attempt:
-            try:
+            with _inputs_checked():
                 return _time_locally(target, inputs, threads=threads, min_run_time=min_run_time, clock=timer_clock)
-            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                if isinstance(exc, torch.OutOfMemoryError):
-                    raise  # the device is too small, the inputs are not wrong
-                raise _rejected_inputs(exc) from exc
 
     best: _Attempt | None = None
     attempts = 0
@@ -540,24 +550,16 @@ def measure_ratio(
     seconds = _positive_float(seconds, "seconds")
     chunks = _positive_int(chunks, "chunks")
     if timing_process is not None:
-        if not callable(getattr(timing_process, "measure_ratio", None)):
-            raise InvalidInputsError("timing_process must be a ranksearch.cost.TimingProcess")
-        if resolve_device(device, model).type != "cpu":
-            raise InvalidInputsError("timing_process times on the CPU; for another device leave it out")
+        _check_timing_process(timing_process, "measure_ratio", device, model)
         return timing_process.measure_ratio(reference, model, as_input_tuple(example_inputs), {
             "threads": threads, "seconds": seconds, "chunks": chunks, "clock": clock})
 
     dev = resolve_device(device, model)
     first, second = _on_device(reference, dev), _on_device(model, dev)
     inputs = _inputs_on(example_inputs, dev)
-    try:
-        with eval_mode(first), eval_mode(second), torch.inference_mode():
-            ref_s, model_s = _time_pairs_locally(first, second, inputs, threads=threads, seconds=seconds,
-                                                 chunks=chunks, clock=_clock(clock, dev, threads))
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise  # the device is too small, the inputs are not wrong
-        raise _rejected_inputs(exc) from exc
+    with _inputs_checked(), eval_mode(first), eval_mode(second), torch.inference_mode():
+        ref_s, model_s = _time_pairs_locally(first, second, inputs, threads=threads, seconds=seconds,
+                                             chunks=chunks, clock=_clock(clock, dev, threads))
     per_pair = model_s / ref_s  # a pair's two blocks ran in the same moment: their ratio cancels its speed
     return LatencyRatio(
         ratio=float(np.median(per_pair)),
