@@ -25,10 +25,10 @@ proposes a trial only while no plan meets the budget, or when no move finds a pl
 Why not every other trial from the sampler, as the search did before: in the benchmark's 14 full
 runs before this change (149 searches with a plan) the answer came from a neighbour 71 times, a
 seed 64, a repair or a spare 14, and a sampled trial never. Under FLOP budgets, where no timing
-noise enters (the benchmark's CNN at 4 budgets x 5 seeds, MiniLM at 3 x 4; 24 and 18 trials),
-giving the sampler's trials to neighbours scored as high or higher on validation in all 32
-searches, higher in 9 (up to +0.078); at 60 trials (the CNN, 2 budgets x 3 seeds), in all 6,
-higher in 3.
+noise enters (the benchmark's CNN at 4 budgets x 5 seeds, MiniLM at 3 x 5; 24 and 18 trials:
+``benchmarks/bench_local_moves.py``), giving the sampler's trials to neighbours scored as high or
+higher on validation in all 35 searches, higher in 10 (up to +0.078); at 60 trials (the CNN, 2
+budgets x 3 seeds), in all 6, higher in 3.
 """
 
 from __future__ import annotations
