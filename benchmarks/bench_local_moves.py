@@ -32,6 +32,7 @@ import ranksearch  # noqa: E402
 from ranksearch.neighbours import NeighbourMoves  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_grow_order import sensitivity_table  # noqa: E402
 from compare import benchmark_space  # noqa: E402
 from models import Task, cnn_task, minilm_task  # noqa: E402
 
@@ -66,11 +67,7 @@ def search(task: Task, space: ranksearch.SearchSpace, budget: float, trials: int
 
 def compare(task: Task, space_name: str, trials: int, budgets: tuple, seeds: int) -> list[str]:
     space, _ = benchmark_space(space_name)
-    try:  # the table a search measures first (one trial; it may not meet the budget)
-        table = ranksearch.optimize(task.model, task.inputs["batch 1"], target_flops=0.5, eval_fn=task.val_score,
-                                    n_trials=1, search_space=space, seed=0, show_progress_bar=False).sensitivity
-    except ranksearch.TargetUnreachableError as exc:
-        table = exc.sensitivity
+    table = sensitivity_table(task, task.inputs["batch 1"], space)
     rows = []
     for budget in budgets:
         runs = {name: [search(task, space, budget, trials, seed, table, schedule) for seed in range(seeds)]

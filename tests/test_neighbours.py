@@ -205,6 +205,7 @@ def test_step_values_follow_the_sensitivity_table_per_unit_of_cost() -> None:
               "b": (("svd", 8, 0.0), ("svd", 4, 0.2), ("svd", 2, 0.5)),
               "c": (("svd", 8, 0.0), ("svd", 2, 0.0)),
               "d": (("svd", 8, 0.05), ("svd", 2, 0.4))}
+
     def cost(name: str, method: str, rank: int | None) -> float:
         return (1.0 if name == "d" else 16.0) if rank is None else float(rank)
 
