@@ -42,7 +42,7 @@ import optuna
 from .decompose.base import Rank
 from .fitting import Choices, choices_key
 from .layers import LayerSpec
-from .sensitivity import SensitivityTable, budget_cost, step_value
+from .sensitivity import SensitivityTable, StepValue, budget_cost, step_value
 from .space import LayerCandidates, SearchSpace
 from .study import best_feasible, plan_of
 from .warmstart import Seed
@@ -74,11 +74,6 @@ def neighbour_choices(choices: Choices, searchable: Sequence[LayerCandidates], s
         if moved != choices:
             break
     return moved
-
-
-#: ``value(name, method, rank, raised)``: what raising a layer from ``rank`` to ``raised`` (``None``:
-#: kept) buys per unit of cost, > 0 when it buys anything (``ranksearch.sensitivity.step_value``)
-StepValue = Callable[[str, str, Rank, "Rank | None"], float]
 
 
 def grown_choices(choices: Choices, searchable: Sequence[LayerCandidates], space: SearchSpace,

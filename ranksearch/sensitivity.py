@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
            "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "step_value",
-           "budget_cost", "BudgetCost"]
+           "budget_cost", "BudgetCost", "StepValue"]
 
 log = logging.getLogger("ranksearch.sensitivity")
 
@@ -73,6 +73,11 @@ class Option:
 
 #: ``cost(name, method, rank)``: what the budget counts for one layer so treated (``rank`` None: kept)
 BudgetCost = Callable[[str, str, "Rank | None"], float]
+
+
+#: ``value(name, method, rank, raised)``: what raising a layer from ``rank`` to ``raised`` (``None``:
+#: kept) buys per unit of cost, > 0 when it buys anything (:func:`step_value`)
+StepValue = Callable[[str, str, Rank, "Rank | None"], float]
 
 
 def budget_cost(runner: TrialRunner) -> BudgetCost:
@@ -337,8 +342,9 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     cut = dict(choices)
     now: dict[str, Option] = {}  # each layer's rank, cost and loss in ``cut``
     ladders: dict[str, list[Option]] = {}  # each layer's lower ranks, nearest first
+    cost = budget_cost(runner)
     for name, (method, rank) in choices.items():
-        option = _interpolated(budget_cost(runner), table, name, method)
+        option = _interpolated(cost, table, name, method)
         if name not in by_name or option is None:
             continue
         now[name] = option(rank)
@@ -374,7 +380,7 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     return cut if cut != choices else None
 
 
-def step_value(table: SensitivityTable, cost: BudgetCost) -> Callable[[str, str, Rank, Rank | None], float]:
+def step_value(table: SensitivityTable, cost: BudgetCost) -> StepValue:
     """``value(name, method, rank, raised)``: the loss ``table`` says a layer saves going from ``rank``
     to ``raised`` (``None``: kept, no loss) per unit of cost it adds (infinite when it adds none), 0
     when it saves nothing. ``cost``: what the budget counts per layer (a search's: :func:`budget_cost`).
