@@ -17,8 +17,9 @@ the original), every method builds a compressed model:
 * **ranksearch-ft** - the same search with ``finetune_fn`` = this benchmark's fine-tune: of
   ``FT_CANDIDATES`` verified plans (the best and the energy-threshold seed; optimize's default adds
   the best uniform-ratio seed and the best of another lineage), the one that scores best on validation
-  after the fine-tune (compared with the baselines after fine-tuning; its compress time includes
-  those fine-tunes); on a miss here, the next plan of ``Fallbacks`` is fine-tuned in the missed
+  after the fine-tune, or the best as decomposed where no fine-tune beat it (compared with the
+  baselines after fine-tuning, kept by the same rule; its compress time includes those fine-tunes);
+  on a miss here, the next plan of ``Fallbacks`` is fine-tuned in the missed
   one's place and the best after fine-tuning taken (``FineTunedCandidates``);
 * **uniform-<family>** - one cost fraction for every layer (SVD where the family does not apply),
   bisected until the measured latency just meets the target;
@@ -35,7 +36,9 @@ the final model is built with real weights, timed interleaved with the original 
 blocks of about 10 ms, ``ranksearch.cost.measure_ratio``: the median over pairs of their ratio,
 spread = range of that median over consecutive rounds of the pairs; timed longer when they spread
 widely), scored on a test split no search or knob ever saw,
-fine-tuned the same short way as every other row, and scored again. All timings: one thread,
+fine-tuned the same short way as every other row, and scored again (the fine-tuned model is kept
+where the fine-tune raised the validation score, else the model as it was: for every row alike, as
+``optimize(finetune_fn=...)`` keeps a fine-tune). All timings: one thread,
 thread CPU time (steady on a shared machine; see benchmarks/bench_cost_models.py), through
 ``ranksearch.cost``, all in one fresh process that does nothing else
 (``ranksearch.cost.TimingProcess``; the searches' too, ``optimize(timing_process=...)``): this
@@ -271,6 +274,22 @@ class Quality:
     val_ft: float = math.nan  # the validation score after the fine-tune
     build_s: float = 0.0
 
+    @property
+    def fine_tune_kept(self) -> bool:
+        """Whether the fine-tune raised the validation score: only then is the fine-tuned model kept,
+        for every row alike - the rule ``optimize(finetune_fn=...)`` applies to its candidates."""
+        return self.val_ft > self.val
+
+    @property
+    def val_kept(self) -> float:
+        """The validation score of the model kept after the fine-tune."""
+        return self.val_ft if self.fine_tune_kept else self.val
+
+    @property
+    def test_kept(self) -> TestScores:
+        """The test scores of the model kept after the fine-tune (the *after FT* columns)."""
+        return self.test_ft if self.fine_tune_kept else self.test
+
 
 @dataclass
 class Tunable:
@@ -308,7 +327,7 @@ class Row:
     def scores(self, after_ft: bool = False) -> TestScores | None:
         if self.quality is None:
             return None
-        return self.quality.test_ft if after_ft else self.quality.test
+        return self.quality.test_kept if after_ft else self.quality.test
 
     def headline(self, after_ft: bool = False) -> float:
         scores = self.scores(after_ft)
@@ -345,11 +364,12 @@ class FineTunedCandidates:
     """ranksearch-ft's answer, and what replaces it when this benchmark's timing rules it out.
 
     ``optimize(finetune_fn=...)`` fine-tuned a few verified plans and returned the best after the
-    fine-tune. When this timing rules a candidate out, its place among the candidates goes to the
+    fine-tune (or the best plan as decomposed, if no fine-tune beat it: each candidate's score is the
+    better of the two). When this timing rules a candidate out, its place among the candidates goes to the
     next plan of ``fallbacks`` (the missed plan's headroom spare, else the plans that met the target
     in the search, best validation score before fine-tuning first - typically the missed plan's
     sibling, a little cheaper), which ``fine_tune(candidate)`` fine-tunes the same way and returns
-    its validation score after; the row then takes the best after fine-tuning of the candidates
+    its validation score as kept (``Quality.val_kept``); the row then takes the best of the candidates
     left. This is the search's own rule, applied to the set of candidates it would have had; taking
     the other candidates first instead (the best of other lineages, often worse after the fine-tune
     than the missed plan's sibling) lost a setting to a baseline by 0.07 that way.
@@ -357,18 +377,18 @@ class FineTunedCandidates:
 
     def __init__(self, tuned: Sequence[tuple[float, Candidate]], fallbacks: Fallbacks,
                  fine_tune: Callable[[Candidate], float]) -> None:
-        self.scores = {entry[0]: (score, entry) for score, entry in tuned}  # trial -> score after FT, entry
+        self.scores = {entry[0]: (score, entry) for score, entry in tuned}  # trial -> score as kept, entry
         self.fallbacks = fallbacks
         self.fine_tune = fine_tune
 
     def best(self, missed: Collection[Any] = ()) -> Candidate | None:
-        """The best after fine-tuning of the candidates not ``missed``; ties go to the earlier trial."""
+        """The best as kept of the candidates not ``missed``; ties go to the earlier trial."""
         left = [(score, entry) for trial, (score, entry) in self.scores.items() if trial not in missed]
         return max(left, key=lambda item: (item[0], -item[1][0]))[1] if left else None
 
     def after_miss(self, missed: set[Any]) -> Candidate | None:
         """The answer once the plans in ``missed`` are ruled out: one more plan fine-tuned in their
-        place (if any is left), then the best after fine-tuning."""
+        place (if any is left), then the best as kept."""
         refill = self.fallbacks.next(missed, skip=self.scores)
         if refill is not None:
             self.scores[refill[0]] = (self.fine_tune(refill), refill)
@@ -784,10 +804,11 @@ class Benchmark:
             started = time.perf_counter()
             quality = self.plan_quality(task, entry[1], ranksearch.apply_plan(model, entry[1]).eval(), quality_memo)
             ft_row.compress_s += time.perf_counter() - started  # found after a miss: part of getting the answer
-            return quality.val_ft
+            return quality.val_kept
 
         picked = result.plan.metadata["trial"]
-        candidates = FineTunedCandidates([(r.score_after, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned],
+        candidates = FineTunedCandidates([(max(r.score, r.score_after), (r.trial, r.plan, ratio(r.latency_ms)))
+                                          for r in tuned],
                                          fallbacks, fine_tune_refill)
         ft_plan, _, ft_chosen = self.verified_plan(
             setting, ft_row, (picked, result.plan, result.model, ratio(result.final.latency_ms)),
@@ -988,8 +1009,8 @@ class Benchmark:
                  ("yes" if r.meets else "**no**") if r.latency else "-", _fmt(r.flops), _fmt(r.params),
                  _fmt(q.val if q else math.nan, 4)]
                 + [_fmt(q.test.metrics.get(m, math.nan) if q else math.nan, 4) for m in metrics]
-                + [_fmt(q.test_ft.metrics.get(m, math.nan) if q else math.nan, 4) for m in metrics]
-                + [_fmt(r.compress_s, 1), _join(r.knob, r.note)]
+                + [_fmt(q.test_kept.metrics.get(m, math.nan) if q else math.nan, 4) for m in metrics]
+                + [_fmt(r.compress_s, 1), _join(r.knob, r.note, _fine_tune_note(q))]
             )
         return header, body
 
@@ -1094,7 +1115,8 @@ class Benchmark:
             f"baseline's row here, retuned up to {VERIFY_RETRIES} times, ranksearch's final check with "
             f"`latency_tolerance={SEARCH_TOLERANCE:g}`). *val*: the validation score the search and "
             "the knobs see; test columns use a split nothing was tuned on. *after FT*: the same short fine-tune "
-            "for every row. *compress s*: wall time to build the plan and the model (knob tuning included; "
+            "for every row, kept where it raised the validation score (else the model before it: the rule "
+            "`optimize(finetune_fn=...)` applies; a row whose fine-tune was not kept says so). *compress s*: wall time to build the plan and the model (knob tuning included; "
             "ranksearch's includes measuring the original, the per-layer latency table - built for the first "
             "target of each batch size, read from its disk cache afterwards - the trials and the final "
             "verification, ranksearch-ft's also the fine-tunes of its candidates; a baseline's includes its knob tuning, whose measurements of a plan are reused by "
@@ -1111,8 +1133,9 @@ class Benchmark:
              "*ranksearch* (`optimize` as it is, plans scored as they come out of the decomposition) without "
              "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
              f"the best after fine-tuning of {FT_CANDIDATES} verified plans: the best one and the energy-threshold "
-             "seed (optimize's default adds the best uniform-ratio seed and the best of another lineage); the "
-             "same search) after the same fine-tune as every baseline. When this benchmark's timing rules a "
+             "seed (optimize's default adds the best uniform-ratio seed and the best of another lineage), or the "
+             "best as decomposed where no fine-tune beat it; the same search) after the same fine-tune as every "
+             "baseline, kept by the same rule. When this benchmark's timing rules a "
              "ranksearch plan out, the row takes its headroom spare (the answer cut to about 5% under its final "
              "check, on `result.pareto` for a device that times the answer slower) if the search made one, "
              "else the next best plan by validation score (ranksearch-ft: "
@@ -1224,6 +1247,13 @@ def _verdict(meets: bool, ours: TestScores | None, theirs: TestScores | None) ->
     if gap <= 2 * standard_error:
         return f"tie (-{gap:.4f})"
     return f"**no** (-{gap:.4f})"
+
+
+def _fine_tune_note(quality: Quality | None) -> str:
+    """Says so when a row's fine-tune was not kept (it did not raise the validation score)."""
+    if quality is None or quality.fine_tune_kept or math.isnan(quality.val_ft):
+        return ""
+    return f"fine-tune not kept (val {quality.val:.4f} -> {quality.val_ft:.4f}): after FT = before"
 
 
 def _fastest(rows: Sequence[Row]) -> str:

@@ -173,7 +173,8 @@ def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> N
     quality.add_argument("--finetune-fn", metavar="MODULE:CALLABLE",
                          help="the fine-tune the compressed model will get: callable(model), training it in place; "
                               "the best --finetune-candidates plans are fine-tuned and the best after fine-tuning "
-                              "is kept (the saved model is then the fine-tuned one)")
+                              "is kept (the saved model is then the fine-tuned one), unless no fine-tune scored "
+                              "above the best plan as decomposed")
     quality.add_argument("--finetune-candidates", metavar="N", type=_positive_int,
                          help="how many verified plans --finetune-fn is tried on (default: optimize's, 4)")
     search = parser.add_argument_group("search")

@@ -253,23 +253,32 @@ def _result(
     finetune_fn: FineTuneFn | None,
 ) -> SearchResult:
     """The result for the best verified plan, or, with ``finetune_fn``, the best after fine-tuning."""
-    index, model, records, message = 0, verified[0][2], None, ""
+    index, model, records, kept_fine_tune, message = 0, verified[0][2], None, False, ""
     if finetune_fn is not None:
-        index, model, records = pick_after_finetune([(t, p, m, ms) for t, p, m, ms, _ in verified], finetune_fn,
-                                                    search.score)
+        index, model, records, kept_fine_tune = pick_after_finetune(
+            [(t, p, m, ms) for t, p, m, ms, _ in verified], finetune_fn, search.score)
         chosen = records[index]
-        message = (f"fine-tuned {len(records)} verified plans with finetune_fn and kept the best after "
-                   f"fine-tuning: trial {chosen.trial}, score {chosen.score:.4f} before, {chosen.score_after:.4f} after "
-                   "(the plan rebuilds the model before fine-tuning)")
+        if kept_fine_tune:
+            message = (f"fine-tuned {len(records)} verified plans with finetune_fn and kept the best after "
+                       f"fine-tuning: trial {chosen.trial}, score {chosen.score:.4f} before, {chosen.score_after:.4f} "
+                       "after (the plan rebuilds the model before fine-tuning)")
+        else:
+            message = (f"fine-tuned {len(records)} verified plans with finetune_fn; none scored above trial "
+                       f"{chosen.trial} as decomposed ({chosen.score:.4f}; {chosen.score_after:.4f} after its "
+                       "fine-tune), so it is returned without fine-tuning (the plan alone rebuilds it)")
         log.info(message)
     trial, plan, _, measured_ms, spread = verified[index]
-    score = records[index].score_after if records is not None else search.score(model)
+    if records is None:
+        score = search.score(model)
+    else:
+        score = records[index].score_after if kept_fine_tune else records[index].score
     final = ModelStats(measured_ms, spread, count_flops(model, search.inputs), count_params(model), score)
     plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number, "study": study.study_name,
                           "baseline": baseline.to_dict(), "final": final.to_dict(),
                           "layer_specs": [c.spec.to_dict() for c in search.candidates]})
     if records is not None:
-        plan.metadata["fine_tune"] = {"chosen_trial": trial.number, "candidates": [r.to_dict() for r in records]}
+        plan.metadata["fine_tune"] = {"chosen_trial": trial.number, "fine_tuned": kept_fine_tune,
+                                      "candidates": [r.to_dict() for r in records]}
     if search.predictor is not None:
         plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
     return SearchResult(
@@ -298,7 +307,7 @@ def pick_answer(
     (``_headroom_cut``). With ``finetune_fn``, ``finetune_candidates`` plans that pass are fine-tuned
     - the best one, then the energy-threshold seed and the best uniform-ratio seed fitted to the
     budget, then the best of other lineages (``_fine_tune_order``) - and the best after fine-tuning is
-    returned (``ranksearch.finetune``).
+    returned, or the best plan as decomposed where no fine-tune scored above it (``ranksearch.finetune``).
     """
     trials = study.trials
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]

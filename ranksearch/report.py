@@ -262,6 +262,10 @@ def _fine_tune_notes(fine_tune: Any) -> list[str]:
         return []
     tried = "; ".join(f"trial {c.get('trial')}: {_num(c.get('score'), 4)} -> {_num(c.get('score_after'), 4)}"
                       for c in fine_tune["candidates"])
+    if fine_tune.get("fine_tuned") is False:  # plans saved before this key existed were always fine-tuned
+        return [f"finetune_fn was tried on {len(fine_tune['candidates'])} plans and none scored above trial "
+                f"{fine_tune.get('chosen_trial')} as decomposed (before -> after: {tried}): the model is not "
+                "fine-tuned, and the plan alone rebuilds it"]
     return [f"the model was fine-tuned by finetune_fn: the quality score is after fine-tuning, and trial "
             f"{fine_tune.get('chosen_trial')} scored best of the candidates (before -> after: {tried}); the plan "
             "alone rebuilds the model before fine-tuning"]

@@ -68,7 +68,9 @@ class SearchResult:
             ``optimize(..., sensitivity=result.sensitivity)`` to reuse it for another target.
         fine_tuned: with ``optimize(finetune_fn=...)``, each verified plan that was fine-tuned, best
             before fine-tuning first, with its scores before and after; ``model`` is then the
-            fine-tuned model and ``final.score`` its score. ``None`` without ``finetune_fn``.
+            fine-tuned model and ``final.score`` its score, unless no fine-tune scored above the best
+            plan as decomposed (``plan.metadata["fine_tune"]["fine_tuned"]`` is then ``False``).
+            ``None`` without ``finetune_fn``.
     """
 
     model: nn.Module

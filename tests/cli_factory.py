@@ -38,7 +38,7 @@ def distill(model: nn.Module) -> None:
     """A finetune_fn: 20 Adam steps pulling the model's outputs toward :func:`mlp`'s on random inputs."""
     teacher = mlp()
     generator = torch.Generator().manual_seed(2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(20):
         x = torch.randn(64, IN_FEATURES, generator=generator)

@@ -209,6 +209,24 @@ def test_for_accuracy_only_the_items_the_two_models_disagree_on_count() -> None:
     assert compare._verdict(False, _scores(right), _scores(ours_few)) == "**no** (misses)"
 
 
+def test_after_fine_tuning_every_row_keeps_the_fine_tune_only_where_it_raised_the_validation_score() -> None:
+    # optimize(finetune_fn=...) returns a plan as decomposed when no fine-tune beats it; every row alike
+    before, tuned_down, tuned_up = (_scores([1.0] * right + [0.0] * (100 - right)) for right in (99, 90, 95))
+    ours = compare.Row("cnn", "batch 1", 0.7, "ranksearch-ft", latency=compare.Latency(0.69, 0.68, 0.70, 1.0),
+                       quality=compare.Quality(0.98, before, tuned_down, val_ft=0.98))  # a tie: not kept
+    energy = compare.Row("cnn", "batch 1", 0.7, "energy", latency=compare.Latency(0.70, 0.69, 0.71, 1.0),
+                         quality=compare.Quality(0.80, tuned_down, tuned_up, val_ft=0.97))  # kept
+    assert ours.scores(after_ft=True) is before and energy.scores(after_ft=True) is tuned_up
+    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    bench.rows = [compare.Row("cnn", "batch 1", 0.7, "ranksearch", latency=ours.latency, quality=ours.quality),
+                  ours, energy]
+    lines, (record,) = bench.verdicts()
+    assert record["ranksearch-ft"] == "yes"  # 0.99 (kept as decomposed) against 0.95; fine-tuned, 0.90: no
+    header, body = bench._row_table([ours, energy])
+    assert body[0][header.index("acc after FT")] == "0.9900" and body[1][header.index("acc after FT")] == "0.9500"
+    assert "fine-tune not kept (val 0.9800 -> 0.9800)" in body[0][-1] and "not kept" not in body[1][-1]
+
+
 def test_the_efficiency_table_shows_the_val_of_an_answer_its_trial_left_unscored() -> None:
     """A repair whose trial timed it over the target is pruned there (no score) and can still be the
     answer after its final check; the table then shows the benchmark's own validation score of it."""

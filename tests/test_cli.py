@@ -104,6 +104,7 @@ def test_optimize_with_a_fine_tune_saves_the_fine_tuned_model(tmp_path, capsys) 
     plan = CompressionPlan.load(out / "plan.json")
     tuned = plan.metadata["fine_tune"]
     assert len(tuned["candidates"]) == 2 and tuned["chosen_trial"] == plan.metadata["trial"]
+    assert tuned["fine_tuned"] is True  # the distillation raises agreement well above every plan's before it
     chosen = next(c for c in tuned["candidates"] if c["trial"] == tuned["chosen_trial"])
     assert chosen["score_after"] == max(c["score_after"] for c in tuned["candidates"])
     # compressed.pt holds the fine-tuned weights; the plan alone rebuilds the model before fine-tuning

@@ -93,11 +93,11 @@ def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> Non
     model, data = digits_mlp
 
     def finetune_fn(m: nn.Module) -> None:
-        m.fine_tuned_marker = True  # the eval below scores marked models in reverse
+        m.fine_tuned_marker = True  # the eval below scores marked models in reverse, above any unmarked one
 
     def eval_fn(m: nn.Module) -> float:
         score = accuracy(m, data.x_test, data.y_test)
-        return 1.0 - score if getattr(m, "fine_tuned_marker", False) else score
+        return 2.0 - score if getattr(m, "fine_tuned_marker", False) else score
 
     result = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
                                  show_progress_bar=False, eval_fn=eval_fn, finetune_fn=finetune_fn)
@@ -107,12 +107,70 @@ def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> Non
     assert worst is not records[0] and worst.score < records[0].score  # distinct plans, distinct scores
     # the worst before fine-tuning is the best after it, and it is the one returned
     assert result.plan.metadata["trial"] == worst.trial
-    assert result.final.score == pytest.approx(1.0 - worst.score)
+    assert result.final.score == pytest.approx(2.0 - worst.score)
+    assert result.plan.metadata["fine_tune"]["fine_tuned"] is True
 
     plain = ranksearch.optimize(model, data.x_test[:16], target_flops=0.3, n_trials=12, seed=0,
                                 show_progress_bar=False, eval_fn=eval_fn)
     assert plain.fine_tuned is None
     assert plain.plan.metadata["trial"] == records[0].trial  # without finetune_fn: the best before
+
+
+@pytest.mark.parametrize("kind", ["harmful", "no-op"])
+def test_a_fine_tune_that_does_not_raise_the_score_is_not_kept(digits_mlp, tmp_path, kind) -> None:
+    model, data = digits_mlp
+
+    def finetune_fn(m: nn.Module) -> None:
+        if kind == "harmful":  # a learning rate far too high, say: every weight knocked off
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * p.abs().mean())
+
+    result = _search(model, data, finetune_fn=finetune_fn, finetune_candidates=3)
+    records = result.fine_tuned
+    assert records is not None and len(records) == 3
+    if kind == "harmful":
+        assert all(r.score_after < records[0].score for r in records)
+    else:  # the same model scored twice: a tie goes to the plan as decomposed
+        assert all(r.score_after == r.score for r in records)
+    # the best plan as decomposed, exactly what the plan alone rebuilds
+    assert result.plan.metadata["trial"] == records[0].trial
+    assert result.plan.metadata["fine_tune"]["fine_tuned"] is False
+    assert result.final.score == records[0].score == accuracy(result.model, data.x_test, data.y_test)
+    rebuilt = ranksearch.apply_plan(model, result.plan).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(data.x_test), result.model(data.x_test))
+    assert "returned without fine-tuning" in result.summary()
+    result.plan.save(tmp_path / "plan.json")
+    report = write_report(tmp_path / "report", plan=ranksearch.CompressionPlan.load(tmp_path / "plan.json"))
+    assert "the model is not fine-tuned, and the plan alone rebuilds it" in report.read_text()
+
+
+def test_the_pick_weighs_every_candidate_as_decomposed_and_fine_tuned() -> None:
+    from types import SimpleNamespace
+
+    from ranksearch.finetune import pick_after_finetune
+
+    def pick(before: list[float], after: list[float]) -> tuple[int, bool]:
+        models = [nn.Linear(1, 1) for _ in before]
+        scores = {id(m): b for m, b in zip(models, before)}
+        verified = [(SimpleNamespace(number=i, values=[b]), None, m, 1.0)
+                    for i, (m, b) in enumerate(zip(models, before))]
+        tuned_count = iter(range(len(after)))
+
+        def finetune_fn(m: nn.Module) -> None:
+            scores[id(m)] = after[next(tuned_count)]
+
+        index, model, records, kept = pick_after_finetune(verified, finetune_fn, lambda m: scores[id(m)])
+        assert [r.score_after for r in records] == after
+        assert (model is models[index]) == (not kept)
+        return index, kept
+
+    assert pick([0.9, 0.5], [0.95, 0.97]) == (1, True)  # the best after fine-tuning
+    assert pick([0.9, 0.5], [0.85, 0.88]) == (0, False)  # no fine-tune beat the best as decomposed
+    assert pick([0.9, 0.5], [0.9, 0.9]) == (0, False)  # ties go to the plan as decomposed
+    assert pick([0.9, 0.5], [0.95, 0.95]) == (0, True)  # then to the earlier candidate
+    assert pick([0.5, 0.9], [0.6, 0.9]) == (1, False)  # any candidate may win as decomposed
 
 
 def test_further_candidates_come_from_other_lineages_first(digits_mlp, monkeypatch) -> None:
