@@ -1116,7 +1116,8 @@ class Benchmark:
             f"`latency_tolerance={SEARCH_TOLERANCE:g}`). *val*: the validation score the search and "
             "the knobs see; test columns use a split nothing was tuned on. *after FT*: the same short fine-tune "
             "for every row, kept where it raised the validation score (else the model before it: the rule "
-            "`optimize(finetune_fn=...)` applies; a row whose fine-tune was not kept says so). *compress s*: wall time to build the plan and the model (knob tuning included; "
+            "`optimize(finetune_fn=...)` applies; a row whose fine-tune was not kept says so). "
+            "*compress s*: wall time to build the plan and the model (knob tuning included; "
             "ranksearch's includes measuring the original, the per-layer latency table - built for the first "
             "target of each batch size, read from its disk cache afterwards - the trials and the final "
             "verification, ranksearch-ft's also the fine-tunes of its candidates; a baseline's includes its knob tuning, whose measurements of a plan are reused by "
@@ -1250,10 +1251,12 @@ def _verdict(meets: bool, ours: TestScores | None, theirs: TestScores | None) ->
 
 
 def _fine_tune_note(quality: Quality | None) -> str:
-    """Says so when a row's fine-tune was not kept (it did not raise the validation score)."""
+    """Says so when a row's fine-tune was not kept (it did not raise the validation score), with the
+    test score the fine-tuned copy had: what the rule cost or saved the row."""
     if quality is None or quality.fine_tune_kept or math.isnan(quality.val_ft):
         return ""
-    return f"fine-tune not kept (val {quality.val:.4f} -> {quality.val_ft:.4f}): after FT = before"
+    return (f"fine-tune not kept (val {quality.val:.4f} -> {quality.val_ft:.4f}; fine-tuned, test "
+            f"{quality.test_ft.headline:.4f}): after FT = before")
 
 
 def _fastest(rows: Sequence[Row]) -> str:

@@ -252,7 +252,8 @@ def _result(
     verified: list[tuple[optuna.trial.FrozenTrial, CompressionPlan, nn.Module, float, float]],
     finetune_fn: FineTuneFn | None,
 ) -> SearchResult:
-    """The result for the best verified plan, or, with ``finetune_fn``, the best after fine-tuning."""
+    """The result for the best verified plan, or, with ``finetune_fn``, the best after fine-tuning
+    (or the best as decomposed, where no fine-tune scored above it)."""
     index, model, records, kept_fine_tune, message = 0, verified[0][2], None, False, ""
     if finetune_fn is not None:
         index, model, records, kept_fine_tune = pick_after_finetune(

@@ -224,7 +224,8 @@ def test_after_fine_tuning_every_row_keeps_the_fine_tune_only_where_it_raised_th
     assert record["ranksearch-ft"] == "yes"  # 0.99 (kept as decomposed) against 0.95; fine-tuned, 0.90: no
     header, body = bench._row_table([ours, energy])
     assert body[0][header.index("acc after FT")] == "0.9900" and body[1][header.index("acc after FT")] == "0.9500"
-    assert "fine-tune not kept (val 0.9800 -> 0.9800)" in body[0][-1] and "not kept" not in body[1][-1]
+    assert "fine-tune not kept (val 0.9800 -> 0.9800; fine-tuned, test 0.9000)" in body[0][-1]
+    assert "not kept" not in body[1][-1]
 
 
 def test_the_efficiency_table_shows_the_val_of_an_answer_its_trial_left_unscored() -> None:

@@ -67,7 +67,8 @@ def test_the_best_plan_after_fine_tuning_is_returned_fine_tuned(digits_mlp, tmp_
     assert len({r.trial for r in records}) == 3
     assert records[0].score == max(r.score for r in records)  # the best verified plan first
     chosen = max(records, key=lambda r: r.score_after)
-    assert result.plan.metadata["trial"] == chosen.trial
+    assert chosen.score_after > records[0].score  # the fine-tune helped: the fine-tuned model is kept
+    assert result.plan.metadata["trial"] == chosen.trial and result.plan.metadata["fine_tune"]["fine_tuned"] is True
     assert result.final.score == chosen.score_after == accuracy(result.model, data.x_test, data.y_test)
     assert all(r.latency_ms is not None and r.seconds > 0 for r in records)
     assert not result.model.training
