@@ -132,7 +132,8 @@ TARGETS = (0.7, 0.5, 0.35)
 #: seed and the best of another lineage), for the 30 minutes on the slower machine of the runs since
 #: e880967 (a fine-tune and a final check, 3-7 s, per search). In the six runs from 51dfa24 to
 #: d11f50f (60 searches with a plan, 3 plans fine-tuned each), the best after fine-tuning was the
-#: first of them (the best before it) at 55, the second at 3 and the third at 2
+#: first of them (the best before it) at 55, the second at 3 and the third at 2. A run at eed0554 with
+#: 3 (the uniform seed third) took 30.3 min, and the third was best after fine-tuning at none of 10
 FT_CANDIDATES = DEFAULT_FINETUNE_CANDIDATES - 2
 FT_METHOD = "ranksearch-ft"
 FAMILIES = ("tucker2", "spatial", "svd")
