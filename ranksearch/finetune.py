@@ -8,10 +8,10 @@ order (one at 0.22 before reached 0.96 after; one at 0.28 before, 0.76). Fine-tu
 trial would multiply the search's cost, so only the last step changes: with
 ``optimize(finetune_fn=...)`` a few plans whose latency was verified are each fine-tuned on a copy
 and scored again, and the one that scores best after fine-tuning is returned, fine-tuned (unless
-no fine-tune helped: below). The candidates are the best plan, then the energy-threshold seed and
-the best uniform-ratio seed fitted to the budget (plans that compress every layer alike recover
-better than their score before the fine-tune says), then the best plans of other lineages: a plan
-and the local moves made from it recover alike (``ranksearch.search._fine_tune_order``).
+no fine-tune helped: below). The candidates are the best plan, then a sensitivity seed, the
+energy-threshold seed and the best uniform-ratio seed fitted to the budget (plans that recover better
+than their score before the fine-tune says), then the best plans of other lineages: a plan and the
+local moves made from it recover alike (``ranksearch.final_checks._fine_tune_order``).
 
 A fine-tune is kept only where it helps: each candidate competes as decomposed too, and when no
 fine-tuned copy scores above the best of them as decomposed (a plan close to the original often
@@ -43,7 +43,8 @@ log = logging.getLogger("ranksearch.finetune")
 
 FineTuneFn = Callable[[nn.Module], Any]
 
-#: the best plan, the energy and uniform-ratio seeds fitted to the budget, the best of another lineage
+#: the best plan, then a sensitivity seed, the energy and uniform-ratio seeds fitted to the budget, the
+#: best of other lineages (those the best plan does not descend from)
 DEFAULT_FINETUNE_CANDIDATES = 4
 
 

@@ -25,8 +25,9 @@ How a search runs:
    *repair*); the next best plans are tried in turn; if none meets it, TargetUnreachableError says
    so. An answer less than 5% under the target is also cut to about 5% under it, the same ways, as
    more trials: a spare on the Pareto front for a device that times it a little slower (*headroom*).
-   With ``finetune_fn``, the plans fine-tuned are the best one, then the energy-threshold seed and
-   the best uniform-ratio seed fitted to the budget, then the best of other lineages. All of step 6
+   With ``finetune_fn``, the plans fine-tuned are the best one, then a sensitivity seed, the
+   energy-threshold seed and the best uniform-ratio seed fitted to the budget (each unless the plans
+   fine-tuned already descend from it), then the best of other lineages. All of step 6
    is ``ranksearch.final_checks``.
 
 The study is multi-objective (maximise quality, minimise latency - or FLOPs / parameters when no
@@ -186,9 +187,9 @@ def optimize(
             same quality measure and space) to reuse it for another target.
         finetune_fn: ``finetune_fn(model)``, the fine-tune you will give the compressed model, training
             it in place (parameters trainable; put it in train mode yourself). When given,
-            ``finetune_candidates`` plans that meet the budget on measurement (the best, then the
-            energy-threshold seed and the best uniform-ratio seed fitted to the budget, then the best
-            of other lineages) are each fine-tuned on a copy and scored again, and the best after
+            ``finetune_candidates`` plans that meet the budget on measurement (the best, then a
+            sensitivity seed, the energy-threshold seed and the best uniform-ratio seed fitted to the
+            budget, then the best of other lineages) are each fine-tuned on a copy and scored again, and the best after
             fine-tuning is returned, fine-tuned: plans that score best before a fine-tune are often not
             the ones that recover best (``ranksearch.finetune``). A fine-tune is kept only where it
             helps: when no fine-tuned candidate scores above the best one as decomposed, that one is

@@ -52,13 +52,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
            "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "step_value",
-           "budget_cost", "BudgetCost", "StepValue"]
+           "budget_cost", "BudgetCost", "StepValue", "SENSITIVITY_SEEDS"]
 
 log = logging.getLogger("ranksearch.sensitivity")
 
 #: cost fractions each layer is scored at: dense at the cheap end, where tight budgets pick and a
 #: layer's loss changes fastest (AIMET scores ten ratios per layer)
 SENSITIVITY_FRACTIONS = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75)
+#: the origins of the seeds made from the table (``sensitivity_seeds``)
+SENSITIVITY_SEEDS = ("seed:sensitivity-lagrangian", "seed:sensitivity-threshold")
 
 
 @dataclass(frozen=True)
@@ -434,8 +436,9 @@ def sensitivity_seeds(runner: TrialRunner, table: SensitivityTable) -> list[Seed
     options = layer_options(runner, table)
     finer = partial(ranks_between, runner)
     seeds = []
-    for origin, choices in (("seed:sensitivity-lagrangian", lagrangian_choices(options, runner.fit, finer)),
-                            ("seed:sensitivity-threshold", threshold_choices(options, runner.fit))):
+    lagrangian, threshold = SENSITIVITY_SEEDS
+    for origin, choices in ((lagrangian, lagrangian_choices(options, runner.fit, finer)),
+                            (threshold, threshold_choices(options, runner.fit))):
         if choices:
             seeds.append(Seed(origin, choices))
     return seeds

@@ -257,6 +257,17 @@ def test_lineage_follows_neighbours_and_repairs_to_their_root() -> None:
     _fine_tune_order(queue, {0, 6, 8}, by_number)
     assert [t.number for t in queue] == [4, 7, 3]
 
+    # the sensitivity seeds come before all of those, the better first, until a verified plan comes from one
+    by_number[9] = trial(9, seed="seed:sensitivity-lagrangian")
+    by_number[10] = trial(10, seed="seed:sensitivity-threshold")
+    by_number[11] = trial(11, parent=9)
+    queue = [by_number[n] for n in (4, 8, 7, 6, 10, 9, 3)]
+    _fine_tune_order(queue, {0}, by_number)
+    assert [t.number for t in queue] == [10, 9, 6, 8, 7, 4, 3]
+    queue = [by_number[n] for n in (4, 8, 6, 10, 3)]
+    _fine_tune_order(queue, {0, _lineage(by_number[11], by_number)}, by_number)  # a move from the Lagrangian seed
+    assert [t.number for t in queue] == [6, 8, 4, 10, 3]
+
 
 def test_a_failing_fine_tune_is_reported_with_what_to_fix(digits_mlp) -> None:
     model, data = digits_mlp
