@@ -173,20 +173,20 @@ def _fine_tune_order(queue: list[optuna.trial.FrozenTrial], verified_lineages: s
     the uniform-ratio seed fitted to the budget that scores best, unless a verified plan descends from
     one; then plans of a lineage no verified plan comes from; each group in its order so far (by score).
 
-    Why those seeds: a plan's score before a fine-tune says little about its score after it where the
-    cut is deep, and these seeds recover well. In five searches as the benchmark runs them (its CNN at
-    batch 1, 0.7x and 0.5x latency, batch 8, 0.5x and 0.35x; MiniLM at batch 1, 0.5x), with every plan
-    under the target fine-tuned (``benchmarks/bench_fine_tune_candidates.py``), the Lagrangian
-    sensitivity seed scored at least as well after the fine-tune as the energy seed in four, 0.006
-    below it in the fifth (one validation item), and above the uniform seed in all five; the threshold
-    seed above or level with both in all five. At the CNN's batch 1, 0.5x, the best plan before the
-    fine-tune descended from the energy seed, as the next four did (0.37 validation accuracy before,
-    0.82 after), while the sensitivity seeds, at 0.12 and 0.11 before, reached 0.88 and 0.93 after
-    (test 0.915 and 0.926; uniform Tucker-2, the best baseline after the fine-tune there in the
-    benchmark's committed run, 0.850). Energy and uniform seeds compress every layer alike, and such plans too recover better
-    than their score before says: in the benchmark's runs the baseline that scored best after the
-    fine-tune on the CNN was one of them (uniform Tucker-2, uniform spatial or energy threshold) in 24
-    of 24 settings at 0.7x and 0.5x.
+    Why those seeds: where the cut is deep, a plan's score before a fine-tune says little about its
+    score after it, and these seeds recover well. In six searches as the benchmark runs them (its CNN
+    at batch 1, 0.7x and 0.5x latency, batch 8, 0.5x and 0.35x; MiniLM at batch 1 and 8, 0.5x), with
+    every plan under the target fine-tuned (``benchmarks/bench_fine_tune_candidates.py``, its results
+    in ``benchmarks/results/fine_tune_candidates.md``), the Lagrangian sensitivity seed scored at least
+    as well after the fine-tune as the energy seed and the uniform seed in all six. At the CNN's batch
+    1, 0.5x the best plan before the fine-tune came from another seed (0.36 validation accuracy
+    before, 0.90 after) and the sensitivity seeds, at 0.13 and 0.11 before, reached 0.91 and 0.93 (in
+    another search there, the best plan descended from the energy seed: 0.37 -> 0.82, the sensitivity
+    seeds 0.12 -> 0.88 and 0.11 -> 0.93; uniform Tucker-2, the best baseline after the fine-tune there
+    in the benchmark's run at 235d5c7, 0.85). Energy and uniform seeds compress every layer alike, and
+    such plans too recover better than their score before says: in the benchmark's runs the baseline
+    that scored best after the fine-tune on the CNN was one of them (uniform Tucker-2, uniform spatial
+    or energy threshold) in 24 of 24 settings at 0.7x and 0.5x.
 
     Why other lineages: the best plans are mostly neighbours of one another (a move or two apart)
     and recover alike from a fine-tune, so fine-tuning several of them tells little. On the

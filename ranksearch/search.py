@@ -189,12 +189,13 @@ def optimize(
             it in place (parameters trainable; put it in train mode yourself). When given,
             ``finetune_candidates`` plans that meet the budget on measurement (the best, then a
             sensitivity seed, the energy-threshold seed and the best uniform-ratio seed fitted to the
-            budget, then the best of other lineages) are each fine-tuned on a copy and scored again, and the best after
-            fine-tuning is returned, fine-tuned: plans that score best before a fine-tune are often not
-            the ones that recover best (``ranksearch.finetune``). A fine-tune is kept only where it
-            helps: when no fine-tuned candidate scores above the best one as decomposed, that one is
-            returned without fine-tuning (``result.plan.metadata["fine_tune"]["fine_tuned"]`` says
-            which). ``result.fine_tuned`` lists every candidate's scores.
+            budget, then the best of other lineages) are each fine-tuned on a copy and scored again,
+            and the best after fine-tuning is returned, fine-tuned: plans that score best before a
+            fine-tune are often not the ones that recover best (``ranksearch.finetune``). A fine-tune
+            is kept only where it helps: when no fine-tuned candidate scores above the best one as
+            decomposed, that one is returned without fine-tuning
+            (``result.plan.metadata["fine_tune"]["fine_tuned"]`` says which). ``result.fine_tuned``
+            lists every candidate's scores.
         finetune_candidates: how many verified plans ``finetune_fn`` is tried on (default 4).
         timing_process: ``True``: time whole models in a fresh process on this CPU, started for the search
             and ended with it, as a deployed model runs, not in this process, whose heap the search

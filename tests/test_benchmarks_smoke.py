@@ -139,3 +139,29 @@ def test_tltorch_layers_replace_the_named_layers(toy) -> None:
     timed = tltorch_model(model, names, 0.1, factorization="cp", implementation="reconstructed", decompose=False)
     with torch.no_grad():
         assert timed(x).shape == reference.shape
+
+
+def test_fine_tune_candidates_picks_follow_the_package_order_before_and_after_the_sensitivity_seeds() -> None:
+    from unittest import mock
+
+    import optuna
+    from bench_fine_tune_candidates import Tuned, picks
+
+    from ranksearch import final_checks
+
+    def trial(number: int, attrs: dict) -> optuna.trial.FrozenTrial:
+        made = optuna.trial.create_trial(values=[0.5, 1.0], user_attrs=attrs)
+        made.number = number
+        return made
+
+    # the best plan is a move from the energy seed; the Lagrangian seed scored lowest before the fine-tune
+    trials = [trial(0, {"neighbour_of": 3, "move": "exchange"}), trial(1, {"seed": "seed:sensitivity-lagrangian"}),
+              trial(2, {"seed": "seed:vbmf"}), trial(3, {"seed": "seed:energy-fit"}),
+              trial(4, {"seed": "seed:uniform-tucker2-fit"})]
+    by_number = {t.number: t for t in trials}
+    tuned = [Tuned(by_number[n], before, after, after) for n, before, after in
+             ((0, 0.37, 0.82), (3, 0.34, 0.79), (4, 0.33, 0.85), (2, 0.27, 0.78), (1, 0.12, 0.88))]
+    assert [t.trial.number for t in picks(tuned, by_number, 2)] == [0, 1]
+    assert [t.trial.number for t in picks(tuned, by_number, 4)] == [0, 1, 4, 2]  # the energy seed is the best's lineage
+    with mock.patch.object(final_checks, "SENSITIVITY_SEEDS", ()):
+        assert [t.trial.number for t in picks(tuned, by_number, 2)] == [0, 4]
