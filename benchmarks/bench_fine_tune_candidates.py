@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,15 +97,18 @@ def picks(tuned: list[Tuned], by_number: dict[int, optuna.trial.FrozenTrial], ca
 
 
 def origin(tuned: Tuned, by_number: dict[int, optuna.trial.FrozenTrial]) -> str:
-    root = by_number[final_checks._lineage(tuned.trial, by_number)]
+    """The seed a plan is, or its move and the seed its lineage starts from."""
     seed = tuned.trial.user_attrs.get("seed")
-    return seed.removeprefix("seed:") if seed else f"{tuned.trial.user_attrs.get('move', 'sampled')} from " \
-        f"{(root.user_attrs.get('seed') or f'trial {root.number}').removeprefix('seed:')}"
+    if seed:
+        return seed.removeprefix("seed:")
+    root = by_number[final_checks._lineage(tuned.trial, by_number)]
+    root_name = (root.user_attrs.get("seed") or f"trial {root.number}").removeprefix("seed:")
+    return f"{tuned.trial.user_attrs.get('move', 'sampled')} from {root_name}"
 
 
 def report(name: str, batch: str, target: float, tuned: list[Tuned],
            by_number: dict[int, optuna.trial.FrozenTrial]) -> str:
-    def seed_cell(test: object) -> str:
+    def seed_cell(test: Callable[[str | None], bool]) -> str:
         hits = [t for t in tuned if test(t.trial.user_attrs.get("seed"))]
         return " / ".join(f"{t.before:.3f} -> **{t.after:.3f}**" for t in hits) or "-"
 
