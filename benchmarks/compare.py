@@ -302,6 +302,18 @@ class Tunable:
     build: Callable[[float], nn.Module]
     timing: Callable[[float], nn.Module]
     note: str = ""
+    #: whether ``knob.make(value)`` gives the choices ``ranksearch.apply_plan`` builds the model from
+    #: (timed by ``plan_key``, as any method's model of the same choices)
+    from_choices: bool = False
+
+
+def plan_key(choices: Mapping[str, tuple[str, Any]]) -> str:
+    """The ``Setting.timed`` key of the model ``ranksearch.apply_plan`` builds from ``choices``: the same
+    model whichever method returns it, so it is timed once and every row of it shows that timing. (In
+    the run at 964ad9c, MiniLM at batch 1, 0.35x, ranksearch and uniform SVD returned the same plan, the
+    space's fastest; timed once for each, it measured 0.39 for one and 0.36 for the other, and one row
+    missed the target while the other met it.)"""
+    return f"plan:{choices_key(choices)}"
 
 
 @dataclass
@@ -442,8 +454,9 @@ class Setting:
     base_ms: float
     base_flops: int
     base_params: int
-    #: the figures of each model timed here, by plan key: a plan a method returns at several targets
-    #: is timed once, so its rows agree (and the run spends no time timing it again)
+    #: the figures of each model timed here, by plan key (``plan_key``): a plan a method returns at
+    #: several targets, or several methods return, is timed once, so its rows agree (and the run spends
+    #: no time timing it again)
     timed: dict[str, tuple[Latency, float, float, str]] = field(default_factory=dict)
 
 
@@ -552,6 +565,7 @@ class Benchmark:
                 knob, label,
                 build=lambda v: ranksearch.apply_plan(model, make_plan(model, make(v), name)).eval(),
                 timing=lambda v: timing_model(model, make(v)),
+                from_choices=True,
             )
 
         out: list[Tunable] = []
@@ -629,7 +643,7 @@ class Benchmark:
                 row.quality = quality_memo[key]
                 row.compress_s = row.quality.build_s
                 row.knob = f"{len(choices)} of {len(setting.candidates)} layers replaced"
-                self.figures(setting, compressed, row, key)
+                self.figures(setting, compressed, row, plan_key(choices))
             except Exception as exc:
                 row.note = _join(row.note, f"failed: {type(exc).__name__}: {str(exc)[:160]}")
             rows.append(row)
@@ -671,7 +685,7 @@ class Benchmark:
                     compressed = tunable.build(value)
                     build_s = time.perf_counter() - started
                 spent += build_s
-                self.figures(setting, compressed, row, key)
+                self.figures(setting, compressed, row, plan_key(knob.make(value)) if tunable.from_choices else key)
                 if not met:
                     row.note = _join(row.note, "the fastest setting missed the target while tuning")
                 elif not row.meets and attempt < VERIFY_RETRIES:
@@ -862,9 +876,8 @@ class Benchmark:
         missed: set[Any] = set()
         for attempt in range(1 + VERIFY_RETRIES):
             # one timing per plan (Setting.timed): the ranksearch and ranksearch-ft rows often return
-            # the same plan, and two timings of it could give it two verdicts
-            self.figures(setting, compressed, row,
-                         f"ranksearch:{choices_key({c.name: (c.method, c.rank) for c in plan.replaced})}")
+            # the same plan, a baseline sometimes, and two timings of it could give it two verdicts
+            self.figures(setting, compressed, row, plan_key({c.name: (c.method, c.rank) for c in plan.replaced}))
             if row.meets or attempt == VERIFY_RETRIES or row.latency is None:
                 break
             missed.add(chosen)

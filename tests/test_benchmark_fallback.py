@@ -247,3 +247,35 @@ def test_the_efficiency_table_shows_the_val_of_an_answer_its_trial_left_unscored
     stats = compare.SearchStats("minilm", "batch 1", 0.7)
     compare.Benchmark.trial_stats(stats, study, 10.0, 1.0, chosen=1)
     assert math.isnan(stats.best_val)
+
+
+def test_the_same_plan_from_a_baseline_and_from_ranksearch_is_timed_once(monkeypatch) -> None:
+    from ranksearch import LayerChoice
+    from ranksearch.plan import CompressionPlan
+
+    timed: list[nn.Module] = []
+
+    def interleaved(original, compressed, inputs, *, rounds, round_s, **retiming):
+        timed.append(compressed)
+        return compare.Latency(0.34 + 0.05 * (len(timed) - 1), 0.3, 0.4, 1.0)  # a second timing would miss
+
+    monkeypatch.setattr(compare, "interleaved", interleaved)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    inputs = (torch.randn(1, 8),)
+    setting = compare.Setting(SimpleNamespace(model=model, name="m"), "batch 1", inputs, [], 1.0,
+                              count_flops(model, inputs), count_params(model))
+    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    choices = {"0": ("svd", 2), "2": ("svd", 1)}
+    # a uniform-ratio baseline tuned onto these choices (its knob bisection measures 0.34)
+    knob = compare.Knob("uniform-svd", lambda value: choices, compare.choices_key, lambda c: 0.34, 0.05, 0.9, 2)
+    tunable = compare.Tunable(knob, "cost fraction", build=lambda value: model, timing=lambda value: model,
+                              from_choices=True)
+    scores = compare.TestScores({"acc": 0.5}, torch.ones(4))
+    monkeypatch.setattr(bench, "quality", lambda task, compressed: compare.Quality(0.5, scores, scores, 0.5))
+    baseline = bench.tuned_row(setting, tunable, 0.35, {}, None)
+    # ranksearch returns the same plan: its row shows the baseline's timing, not a second one
+    plan = CompressionPlan.for_model(model, [LayerChoice(name, method, rank) for name, (method, rank) in choices.items()])
+    row = compare.Row("m", "batch 1", 0.35, "ranksearch")
+    bench.verified_plan(setting, row, (7, plan, model, 0.34), lambda missed: None)
+    assert len(timed) == 1
+    assert row.latency == baseline.latency and row.meets and baseline.meets
