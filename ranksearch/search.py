@@ -21,7 +21,8 @@ How a search runs:
 6. The best feasible plan is rebuilt from the original and its latency measured again, alternately
    with the original so that the machine's drift during the search cancels out (a close call is
    timed for more rounds); if it misses the target by a little, it is cut to fit - uniformly, and
-   where the sensitivity table says it costs least - and the cuts are checked as more trials (the
+   where the plans' scores say it costs least, the steps tried in the sensitivity table's order
+   (``ranksearch.scored_cut``) - and the cuts are checked as more trials (the
    *repair*); the next best plans are tried in turn; if none meets it, TargetUnreachableError says
    so. An answer less than 5% under the target is also cut to about 5% under it, the same ways, as
    more trials: a spare on the Pareto front for a device that times it a little slower (*headroom*).

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from .space import LayerCandidates
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
-           "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "step_value",
+           "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "cut_ladders",
+           "open_ladders", "step_value",
            "budget_cost", "BudgetCost", "StepValue", "SENSITIVITY_SEEDS"]
 
 log = logging.getLogger("ranksearch.sensitivity")
@@ -324,10 +325,9 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     One layer at a time moves to its next lower rank (its cost fraction cut by ``step`` more), the
     move that adds the least loss per unit of cost saved first. A layer's loss at a rank is
     interpolated between the ranks the table scored, by cost. A layer the plan keeps can be
-    compressed too, stepping down the ranks the table scored for it. This is the repair for a plan
-    that misses its latency target by a few percent (``ranksearch.final_checks``), beside the uniform cut
-    of ``ranksearch.neighbours.tightened_choices``, which takes as much from the layers that
-    tolerate nothing as from those that tolerate a lot.
+    compressed too, stepping down the ranks the table scored for it. ``ranksearch.scored_cut`` takes
+    the same steps, picked by the plans' scores, for the repairs and spares of plans at the budget
+    (``ranksearch.final_checks``); this cut tells it how much to save.
 
     Why kept layers too: a plan that keeps its most sensitive layers and has the rest near the
     space's smallest ranks has nothing left to cut among those. On the benchmark's MiniLM at batch
@@ -339,11 +339,27 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
     layers they cost far more. (The benchmark's CNN at batch 1, 0.7x: the answer, validation 0.956,
     keeps three layers; its headroom spare, cut 5% under it, compressed all three and scored 0.339.)
     """
+    cut = dict(choices)
+    now, ladders = cut_ladders(runner, table, choices, step)
+    while not fits(cut):
+        move = _cheapest_move(now, ladders, choices)
+        if move is None:
+            return None
+        now[move] = ladders[move].pop(0)
+        cut[move] = (now[move].method, now[move].rank)  # type: ignore[assignment]
+    return cut if cut != choices else None
+
+
+def cut_ladders(runner: TrialRunner, table: SensitivityTable, choices: Choices,
+                step: float = 0.02) -> tuple[dict[str, Option], dict[str, list[Option]]]:
+    """Each searchable layer's option in ``choices`` (its rank, cost and loss by ``table``; kept when
+    not in it) and its lower ranks, nearest first, each cheaper than the one before: a compressed
+    layer's ranks ``step`` apart in cost fraction (losses interpolated by cost), a kept layer's the
+    ranks the table scored. The steps :func:`least_loss_cut` and ``ranksearch.scored_cut`` take."""
     by_name = {c.spec.name: c for c in runner.searchable}
     space = runner.space
-    cut = dict(choices)
-    now: dict[str, Option] = {}  # each layer's rank, cost and loss in ``cut``
-    ladders: dict[str, list[Option]] = {}  # each layer's lower ranks, nearest first
+    now: dict[str, Option] = {}
+    ladders: dict[str, list[Option]] = {}
     cost = budget_cost(runner)
     for name, (method, rank) in choices.items():
         option = _interpolated(cost, table, name, method)
@@ -368,18 +384,21 @@ def least_loss_cut(runner: TrialRunner, table: SensitivityTable, choices: Choice
             if candidate.cost < (ladder[-1] if ladder else now[name]).cost:
                 ladder.append(candidate)
         ladders[name] = ladder
-    while not fits(cut):
-        # a layer the plan keeps is compressed only when the compressed ones have nothing left to cut
-        open_ladders = ({name: ladder for name, ladder in ladders.items() if ladder and name in choices}
-                        or {name: ladder for name, ladder in ladders.items() if ladder})
-        moves = [(max(0.0, ladder[0].loss - now[name].loss) / (now[name].cost - ladder[0].cost), name)
-                 for name, ladder in open_ladders.items()]
-        if not moves:
-            return None
-        _, name = min(moves)
-        now[name] = ladders[name].pop(0)
-        cut[name] = (now[name].method, now[name].rank)  # type: ignore[assignment]
-    return cut if cut != choices else None
+    return now, ladders
+
+
+def open_ladders(ladders: dict[str, list[Option]], choices: Choices) -> dict[str, list[Option]]:
+    """The ladders a cut may step down: the layers ``choices`` compresses, and the layers it keeps only
+    when those have nothing left to cut (see :func:`least_loss_cut`)."""
+    return ({name: ladder for name, ladder in ladders.items() if ladder and name in choices}
+            or {name: ladder for name, ladder in ladders.items() if ladder})
+
+
+def _cheapest_move(now: dict[str, Option], ladders: dict[str, list[Option]], choices: Choices) -> str | None:
+    """The layer whose next step down adds the least loss per unit of cost saved, by the table."""
+    moves = [(max(0.0, ladder[0].loss - now[name].loss) / (now[name].cost - ladder[0].cost), name)
+             for name, ladder in open_ladders(ladders, choices).items()]
+    return min(moves)[1] if moves else None
 
 
 def step_value(table: SensitivityTable, cost: BudgetCost) -> StepValue:

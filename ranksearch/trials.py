@@ -633,6 +633,10 @@ class TrialRunner:
         every, upcoming = self.latency_check_every, self.rebuilt + 1
         return bool(every) and (every == 1 or upcoming <= 3 or upcoming % every == 0)
 
+    def score_choices(self, choices: Choices) -> float:
+        """A plan's score, built and evaluated outside any trial (no timing, nothing recorded)."""
+        return self.score(self.workbench.apply(self.make_plan(choices, "scored")))
+
     def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
         if self.eval_fn is not None:
             return checked_score(self.eval_fn, model)

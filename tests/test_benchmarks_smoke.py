@@ -165,3 +165,42 @@ def test_fine_tune_candidates_picks_follow_the_package_order_before_and_after_th
     assert [t.trial.number for t in picks(tuned, by_number, 4)] == [0, 1, 4, 2]  # the energy seed is the best's lineage
     with mock.patch.object(final_checks, "SENSITIVITY_SEEDS", ()):
         assert [t.trial.number for t in picks(tuned, by_number, 2)] == [0, 4]
+
+
+def test_cuts_bench_cuts_an_answer_three_ways_and_counts_the_best(toy) -> None:
+    """bench_cuts.py on a toy: one search, its answer cut 5/10/15% under three ways, each cut scored
+    (validation and test) and timed, or said not to fit; the best validation per headroom counted."""
+    from types import SimpleNamespace
+
+    from bench_cuts import CUTS, HEADROOMS, _wins, cut_rows, search_and_runner
+    from bench_grow_order import sensitivity_table
+
+    from ranksearch.cost import count_flops
+
+    model, x, _ = toy
+    labels = torch.arange(len(x)) % 10
+
+    def accuracy(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x).argmax(1) == labels).float().mean())
+
+    task = SimpleNamespace(model=model, inputs={"batch 1": x}, val_score=accuracy,
+                           test_scores=lambda m: SimpleNamespace(headline=accuracy(m)))
+    table = sensitivity_table(task, x, SPACE)
+    # latency: FLOPs as ms, so that the search and the cuts' timings do not depend on this machine
+    seen = search_and_runner(task, SPACE, "batch 1", 0.7, 8, table, latency_clock="wall",
+                             latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6)
+    assert seen is not None
+    # an answer more than 15% under the target gets no cut (the search makes no spare for it) ...
+    far_under = cut_rows(task, "toy", "batch 1", 0.7, {**seen, "target_ms": seen["verified_ms"] / 0.8}, table)
+    assert len(far_under) == 1 and "more than 15% under" in far_under[0][0] and far_under[0][1] == {}
+    # ... one at the target, three
+    rows = cut_rows(task, "toy", "batch 1", 0.7, {**seen, "target_ms": seen["verified_ms"]}, table)
+    assert len(rows) == len(HEADROOMS)
+    for text, scores in rows:
+        cells = text.strip(" |").split(" | ")[-len(CUTS):]
+        assert all(("val " in cell and "test " in cell) or cell == "no cut fits" for cell in cells)
+        assert set(scores) == {label for label, cell in zip(CUTS, cells) if cell != "no cut fits"}
+    assert any(scores for _, scores in rows)
+    assert _wins([{"shared factor": 0.5, "table": 0.7, "scored": 0.7}, {"shared factor": 0.9, "scored": 0.8}, {}]) \
+        == "shared factor 1, table 1, scored 1"

@@ -842,6 +842,35 @@ def test_an_answer_at_the_budget_gets_a_spare_cut_under_it_on_the_pareto_front(d
     assert plain.plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
 
 
+
+def test_with_a_sensitivity_table_the_answer_s_spare_is_also_cut_by_its_scores(digits_mlp, monkeypatch) -> None:
+    """The spare trials hold the scored cut of the answer's plan, scored by the search's eval_fn."""
+    import ranksearch.final_checks
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    calls = []
+    scored_cut = ranksearch.final_checks.scored_cut
+
+    def recorded(runner, table, choices, fits, score_of, score, **kwargs):
+        cut = scored_cut(runner, table, choices, fits, score_of, score, **kwargs)
+        calls.append({"choices": choices, "score": score, "cut": cut, "score_of": score_of})
+        return cut
+
+    monkeypatch.setattr(ranksearch.final_checks, "scored_cut", recorded)
+    result = ranksearch.optimize(model, x, target_latency_ratio=0.7, n_trials=10, seed=0, show_progress_bar=False,
+                                 latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6,
+                                 eval_fn=lambda m: accuracy(m, data.x_test, data.y_test))
+    answer = next(t for t in result.study.trials if t.number == result.plan.metadata["trial"])
+    spare_call = next(c for c in calls if c["choices"] == {c.name: (c.method, c.rank) for c in result.plan.replaced})
+    assert spare_call["score"] == answer.values[0] and spare_call["cut"] is not None
+    spares = {ranksearch.fitting.choices_key({c.name: (c.method, c.rank)
+                                              for c in ranksearch.study.plan_of(t, result.plan.fingerprint).replaced}): t
+              for t in result.study.trials if t.user_attrs.get("move") == "headroom"}
+    spare = spares[ranksearch.fitting.choices_key(spare_call["cut"])]
+    assert spare.user_attrs["neighbour_of"] == answer.number
+    assert spare_call["score_of"](spare_call["cut"]) == pytest.approx(spare.values[0])  # the search's own eval_fn
+
 def _first_plan_checked_slower(monkeypatch, model: nn.Module, x: torch.Tensor, factor: float):
     """``optimize`` options for a 0.7x search with a ``latency_fn`` (FLOPs as ms) under which, once the
     trials end, the first plan checked takes ``factor`` times as long (one slow moment), and the state
@@ -1278,3 +1307,48 @@ def test_a_near_miss_is_also_cut_where_the_sensitivity_table_says(digits_mlp, mo
         partial.append(any(cut[n] == uncut[n] for n in cut))
     assert any(partial)
     assert result.final.latency_ms <= 0.5 * 1.05 * result.baseline.latency_ms
+
+
+def test_the_scored_cut_takes_the_steps_the_models_score_says_lose_least() -> None:
+    """Where the table, scored one layer at a time, says a layer is nearly free to cut but the model's
+    own score says otherwise beside the plan's other layers, the scored cut takes the other layer."""
+    from types import SimpleNamespace
+
+    from ranksearch.scored_cut import scored_cut
+    from ranksearch.sensitivity import SensitivityTable, least_loss_cut
+
+    # two layers whose cost is their rank (ms; kept: 16); "a" loses little alone, "b" more
+    losses = {"a": (("svd", 8, 0.0), ("svd", 4, 0.01), ("svd", 2, 0.3)),
+              "b": (("svd", 8, 0.0), ("svd", 4, 0.2), ("svd", 2, 0.5))}
+    runner = SimpleNamespace(
+        searchable=[SimpleNamespace(spec=SimpleNamespace(name=n), methods=("svd",)) for n in losses],
+        workbench=SimpleNamespace(specs={n: None for n in losses}),
+        predictor=SimpleNamespace(table=SimpleNamespace(
+            layer_ms=lambda name, method, rank: 16.0 if rank is None else float(rank))),
+        space=SimpleNamespace(cost_fraction_low=2 / 16, cost_fraction_of=lambda spec, method, rank: rank / 16,
+                              rank_for=lambda spec, method, fraction: max(2, round(fraction * 16))),
+    )
+    table = SensitivityTable(losses, fingerprint="x", evaluations=6, seconds=0.0)
+    plan = {"a": ("svd", 8), "b": ("svd", 8)}
+    scored: list[dict] = []
+
+    def score_of(choices) -> float:  # beside "b", "a" is what the model cannot spare
+        scored.append(dict(choices))
+        return 0.9 - 0.1 * (8 - choices["a"][1]) - 0.01 * (8 - choices["b"][1])
+
+    def within(ms: float):
+        return lambda choices: sum(rank for _, rank in choices.values()) <= ms
+
+    assert least_loss_cut(runner, table, plan, within(12)) == {"a": ("svd", 4), "b": ("svd", 8)}
+    assert scored_cut(runner, table, plan, within(12), score_of, 0.9) == {"a": ("svd", 8), "b": ("svd", 4)}
+    assert 0 < len(scored) <= 2 * 4 * 4
+    assert all(choices != plan for choices in scored)
+    # a plan the evaluation cannot score is not taken
+    def failing_on_b(choices) -> float:
+        if choices["b"][1] < 8:
+            raise RuntimeError("cannot evaluate")
+        return score_of(choices)
+
+    assert scored_cut(runner, table, plan, within(12), failing_on_b, 0.9) == {"a": ("svd", 4), "b": ("svd", 8)}
+    assert scored_cut(runner, table, plan, within(3), score_of, 0.9) is None  # even the cheapest ranks do not fit
+    assert scored_cut(runner, table, plan, within(16), score_of, 0.9) is None  # nothing to cut
