@@ -13,7 +13,7 @@ and one sensitivity table per model), then cuts each answer 5%, 10% and 15% unde
 
 Per cut: validation and test score, the latency ratio the search predicts for it and a timing of
 it (one, beside the original, as the search's trials time plans: noisy at batch 1), and the
-seconds the cut took. Writes benchmarks/results/cuts.md and prints it. About fifteen minutes on 2
+seconds the cut took (and how many plans it scored). Writes benchmarks/results/cuts.md and prints it. About fifteen minutes on 2
 cores (``--quick``: the CNN at batch 1, 0.5x only, about three).
 
     python benchmarks/bench_cuts.py [--quick]
@@ -92,6 +92,13 @@ def cut_rows(task: Task, name: str, batch: str, target: float, seen: dict[str, A
         return search.predictor.predict(search.make_plan(choices, "bench")) * verified_ms / predicted_parent / base_ms
 
     answer = f"trial {trial.number}: val {trial.values[0]:.3f}, {verified_ms / base_ms:.3f}"
+    evaluations = 0
+
+    def counted_score(choices: Choices) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        return search.score_choices(choices)
+
     rows = []
     for headroom in HEADROOMS:
         if verified_ms < target_ms * (1 - headroom):
@@ -100,10 +107,10 @@ def cut_rows(task: Task, name: str, batch: str, target: float, seen: dict[str, A
         makers: dict[str, Callable[[], Choices | None]] = {
             "shared factor": lambda: tightened_choices(parent, search.searchable, search.space, fits),
             "table": lambda: least_loss_cut(search, table, parent, fits),
-            "scored": lambda: scored_cut(search, table, parent, fits, search.score_choices, trial.values[0])}
+            "scored": lambda: scored_cut(search, table, parent, fits, counted_score, trial.values[0])}
         cells, scores = [], {}
         for label in CUTS:
-            started = time.perf_counter()
+            started, evaluations = time.perf_counter(), 0
             choices = makers[label]()
             seconds = time.perf_counter() - started
             if choices is None:
@@ -114,7 +121,7 @@ def cut_rows(task: Task, name: str, batch: str, target: float, seen: dict[str, A
             scores[label] = val
             measured = search.measured_latency(search.make_plan(choices, "bench"), model) / base_ms
             cells.append(f"val {val:.3f}, test {test:.3f}; {predicted_ratio(choices):.3f} / {measured:.3f}; "
-                         f"{seconds:.1f} s")
+                         f"{seconds:.1f} s" + (f", {evaluations} evaluations" if evaluations else ""))
         row = f"| {name} | {batch} | {target:g} | {answer} | {100 * headroom:.0f}% | " + " | ".join(cells) + " |"
         rows.append((row, scores))
         print(row, flush=True)
@@ -153,7 +160,8 @@ def main() -> None:
         "least; the same steps picked by the plans' validation *scores* (`ranksearch.scored_cut`).",
         "Each cell: validation and test score (CNN: accuracy; MiniLM: mean cosine to the original's",
         "embeddings); latency ratio to the original as the search predicts it / one timing beside the",
-        "original; the seconds the cut took. *answer*: its trial, validation score and final check.",
+        "original; the seconds the cut took (and the plans it scored). *answer*: its trial, validation score",
+        "and final check.",
         "",
         "| model | batch | target | answer | cut under its check | shared factor | table | scored |",
         "|---|---|---|---|---|---|---|---|",

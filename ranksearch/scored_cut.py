@@ -10,7 +10,8 @@ layers the losses compound, and the table's order can be far off.
 :func:`scored_cut` takes the same steps down the same ladders, but lets the model's score choose
 them: a few rounds, each trying the few layers the table ranks first, each cut by a share of what
 the whole cut must save, and taking the one that loses the least per unit of cost saved by the
-search's own evaluation. It costs about ``rounds x tried`` evaluations (36 by default; at most twice that), no timing.
+search's own evaluation. It costs about ``rounds x tried`` evaluations (36 by default; at most twice
+that), and no timing. ``benchmarks/bench_cuts.py`` compares it with the table's cut and a uniform one.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .fitting import Choices, Fit
 from .rank import default_method, suggest_rank
 from .space import LayerCandidates, SearchSpace
 
-__all__ = ["Seed", "heuristic_seeds", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED", "FASTEST_SEED", "Shortlist",
+__all__ = ["Seed", "heuristic_seeds", "vbmf_choices", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED", "FASTEST_SEED", "Shortlist",
            "is_uniform_fit"]
 
 log = logging.getLogger("ranksearch.warmstart")
@@ -80,6 +80,11 @@ def _heuristic_choices(reference: nn.Module, searchable: Sequence[LayerCandidate
         if rank is not None:
             choices[cand.spec.name] = (method, rank)
     return choices
+
+
+def vbmf_choices(reference: nn.Module, searchable: Sequence[LayerCandidates], space: SearchSpace) -> Choices:
+    """The VBMF plan (Kim et al. 2015): each layer at the rank VBMF estimates, by its seed method."""
+    return _heuristic_choices(reference, searchable, space.round_to, heuristic="vbmf")
 
 
 def heuristic_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], space: SearchSpace, *,

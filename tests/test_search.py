@@ -682,6 +682,35 @@ def test_a_latency_target_out_of_the_spaces_reach_fails_before_the_trials(digits
     assert len(info.value.study.trials) >= 4
 
 
+def test_a_vbmf_plan_faster_than_the_predictors_fastest_keeps_the_target_within_reach(digits_mlp,
+                                                                                   monkeypatch) -> None:
+    """On a device where ranks below the VBMF plan's run slower (``latency_fn``: FLOPs as ms, rising
+    again under the VBMF plan's FLOPs), the space's smallest ranks are not its fastest plan: a target
+    the VBMF plan meets is left to the search, which meets it; without timing the VBMF plan, the
+    search would call it out of reach."""
+    import ranksearch.search
+
+    model, data = digits_mlp
+    x = data.x_test[:16]
+    probe = ranksearch.optimize(model, x, target_flops=0.9, n_trials=1, seed=0, show_progress_bar=False,
+                                sensitivity=False)
+    vbmf_flops = next(t for t in probe.study.trials if t.user_attrs.get("seed") == "seed:vbmf").user_attrs["flops"]
+    fixed_ms = 0.1 * count_flops(model, x) / 1e6
+
+    def latency_fn(m: nn.Module, inputs) -> float:
+        flops = count_flops(m, inputs)
+        return (flops if flops >= vbmf_flops else 2 * vbmf_flops - flops) / 1e6 + fixed_ms
+
+    target = (vbmf_flops / 1e6 + fixed_ms) / latency_fn(model, x)
+    kwargs = dict(target_latency_ratio=target, latency_fn=latency_fn, n_trials=4, seed=0, show_progress_bar=False,
+                  sensitivity=False)
+    result = ranksearch.optimize(model, x, **kwargs)
+    assert result.final.latency_ms <= target * result.baseline.latency_ms * (1 + 0.05)
+
+    monkeypatch.setattr(ranksearch.search, "vbmf_choices", lambda *args: {})
+    with pytest.raises(ranksearch.TargetUnreachableError, match="out of reach"):
+        ranksearch.optimize(model, x, **kwargs)
+
 def test_a_target_at_the_spaces_floor_gets_the_fastest_plan_as_its_first_seed(digits_mlp) -> None:
     model, data = digits_mlp
     x = data.x_test[:16]
