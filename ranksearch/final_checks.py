@@ -98,7 +98,7 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
 
     Two cuts: every compressed layer's cost fraction by one shared factor (``tightened_choices``),
     and, with a sensitivity table, ranks lowered step by step where the plans' own scores say it
-    costs the least quality, the steps tried in the order the table gives (``scored_cut``: about 36
+    costs the least quality, the steps tried in the order the table gives (``scored_cut``: 12-72
     evaluations, no timing). Their trials score them, and the final checks take them in turn by score.
 
     Why: the plans checked first are the best ones, and they sit at the budget; a final check that
@@ -109,12 +109,13 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
     layers the losses compound; the table's own cut (``least_loss_cut``, the second cut before)
     often lost more than the shared factor. Six answers of searches as the benchmark runs them, each
     cut 5, 10 and 15% under its final check (``benchmarks/bench_cuts.py``, its results in
-    ``benchmarks/results/cuts.md``): the scored cut scored best on validation in 17 of the 18 (ties
-    included), the shared factor in 3, the table's cut in 2. The CNN at batch 8, 0.5x (the answer at
-    0.489), shared factor / table / scored: 0.456 / 0.372 / 0.478 at 5%, 0.300 / 0.183 / 0.500 at
-    15%; at batch 1, 0.5x, 15% under: 0.183 / 0.350 / 0.467; MiniLM at batch 8, 0.5x, 15% under:
-    0.564 / 0.555 / 0.591. Its one loss: the CNN at 0.7x, 15% under, 0.972 against 0.978 (one
-    validation item). It took 1.3-7.9 s a cut there.
+    ``benchmarks/results/cuts.md``): the scored cut scored best on validation in 14 of the 18 (ties
+    included), the shared factor in 3, the table's cut in 3 (in the run before, 17, 3 and 2). Shared
+    factor / table / scored: the CNN at batch 8, 0.5x (the answer at 0.489), 15% under, 0.139 / 0.183
+    / 0.461; at batch 1, 0.5x, 10% under, 0.289 / 0.450 / 0.589; MiniLM at batch 8, 0.5x, 15% under,
+    0.546 / 0.552 / 0.601. Its losses were small: 0.481 against 0.504 (MiniLM at batch 1, 0.5x, 15%
+    under, where it spent its 72 evaluations and the table finished the cut), 0.513 and 0.504 against
+    0.518 and 0.514 (MiniLM at batch 8, 0.35x), 0.644 against 0.650. It took 1.2-6.3 s a cut there.
     """
     assert search.predictor is not None
     if any(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False)):

@@ -11,7 +11,7 @@ layers the losses compound, and the table's order can be far off.
 them: a few rounds, each trying the few layers the table ranks first, each cut by a share of what
 the whole cut must save, and taking the one that loses the least per unit of cost saved by the
 search's own evaluation. It costs about ``rounds x tried`` evaluations (36 by default; at most twice
-that), and no timing. ``benchmarks/bench_cuts.py`` compares it with the table's cut and a uniform one.
+that: 12-72 in ``benchmarks/bench_cuts.py``), and no timing. ``benchmarks/bench_cuts.py`` compares it with the table's cut and a uniform one.
 """
 
 from __future__ import annotations
