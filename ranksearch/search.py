@@ -56,9 +56,9 @@ from .cost.latency import LatencyFn, resolve_device
 from .decompose import get_method
 from .exceptions import EvaluationError, InvalidInputsError, InvalidTargetError, NoDecomposableLayerError, TargetUnreachableError
 from .finetune import DEFAULT_FINETUNE_CANDIDATES, FineTuneFn, check_finetune
+from .fitting import choices_key
 from .layers import as_input_tuple, capture_layer_specs, check_module, layer_kind
 from .neighbours import NeighbourMoves
-from .fitting import choices_key
 from .plan import CompressionPlan, model_fingerprint
 from .quality import FidelityScorer, calibration_batches, checked_score
 from .rebuild import check_finite_parameters
@@ -186,8 +186,9 @@ def optimize(
             (``ranksearch.sensitivity``). Costs seven evaluations per layer and method (one method per
             layer when that would exceed 320); worth it unless evaluations are very expensive. Under a
             latency target the table also steers the cuts of the answer's repairs and spares, 12-72
-            evaluations each (``ranksearch.scored_cut``). The table does not depend on the budget: pass a previous result's ``result.sensitivity`` (same model,
-            same quality measure and space) to reuse it for another target.
+            evaluations each (``ranksearch.scored_cut``). The table does not depend on the budget:
+            pass a previous result's ``result.sensitivity`` (same model, same quality measure and
+            space) to reuse it for another target.
         finetune_fn: ``finetune_fn(model)``, the fine-tune you will give the compressed model, training
             it in place (parameters trainable; put it in train mode yourself). When given,
             ``finetune_candidates`` plans that meet the budget on measurement (the best, then a
