@@ -14,7 +14,7 @@ and one sensitivity table per model), then cuts each answer 5%, 10% and 15% unde
 Per cut: validation and test score, the latency ratio the search predicts for it and a timing of
 it (one, beside the original, as the search's trials time plans: noisy at batch 1), and the
 seconds the cut took (and how many plans it scored). Writes benchmarks/results/cuts.md and prints
-it. About eight minutes on 2 cores (``--quick``: the CNN at batch 1, 0.5x only, about three).
+it. About eight minutes on 2 cores (``--quick``: the CNN at batch 1, 0.5x only, under two).
 
     python benchmarks/bench_cuts.py [--quick]
 """
