@@ -14,7 +14,7 @@ and one sensitivity table per model), then cuts each answer 5%, 10% and 15% unde
 Per cut: validation and test score, the latency ratio the search predicts for it and a timing of
 it (one, beside the original, as the search's trials time plans: noisy at batch 1), and the
 seconds the cut took (and how many plans it scored). Writes benchmarks/results/cuts.md and prints
-it. About eight minutes on 2 cores (``--quick``: the CNN at batch 1, 0.5x only, under two).
+it. About eight minutes on 2 cores (``--quick``: the CNN at batch 1, 0.5x only, about two).
 
     python benchmarks/bench_cuts.py [--quick]
 """
@@ -43,9 +43,9 @@ from ranksearch.sensitivity import least_loss_cut  # noqa: E402
 from ranksearch.study import plan_of  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grow_order import sensitivity_table  # noqa: E402
-from compare import SEARCH_TOLERANCE, benchmark_space  # noqa: E402
-from models import Task, cnn_task, minilm_task  # noqa: E402
+from bench_grow_order import compare_searches  # noqa: E402
+from compare import SEARCH_TOLERANCE  # noqa: E402
+from models import Task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cuts.md"
 #: (model, space, trials as in compare.py, (batch, latency target as a ratio to the original) ...)
@@ -135,19 +135,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the CNN at batch 1, 0.5x only")
     args = parser.parse_args()
     torch.manual_seed(0)
-    tasks = {"cnn": lambda: cnn_task(log=lambda _: None), "minilm": lambda: minilm_task(log=lambda _: None)}
     rows: list[tuple[str, dict[str, float]]] = []
     started = time.perf_counter()
-    for name, space_name, trials, settings in QUICK if args.quick else SETTINGS:
-        task = tasks[name]()
-        space, _ = benchmark_space(space_name)
-        table = sensitivity_table(task, task.inputs["batch 1"], space)
-        for batch, target in settings:
-            seen = search_and_runner(task, space, batch, target, trials, table)
-            if seen is None:
-                rows.append((f"| {name} | {batch} | {target:g} | no plan met the target | | | | |", {}))
-                continue
-            rows.extend(cut_rows(task, name, batch, target, seen, table))
+    for name, task, space, table, trials, batch, target in compare_searches(QUICK if args.quick else SETTINGS):
+        seen = search_and_runner(task, space, batch, target, trials, table)
+        if seen is None:
+            rows.append((f"| {name} | {batch} | {target:g} | no plan met the target | | | | |", {}))
+            continue
+        rows.extend(cut_rows(task, name, batch, target, seen, table))
     minutes = (time.perf_counter() - started) / 60
     text = "\n".join([
         "# Cutting a plan at the budget: shared factor, table, scored",

@@ -45,9 +45,9 @@ from ranksearch.study import plan_of  # noqa: E402
 from ranksearch.warmstart import ENERGY_FIT_SEED, is_uniform_fit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grow_order import sensitivity_table  # noqa: E402
-from compare import SEARCH_TOLERANCE, benchmark_space  # noqa: E402
-from models import Task, cnn_task, minilm_task  # noqa: E402
+from bench_grow_order import compare_searches  # noqa: E402
+from compare import SEARCH_TOLERANCE  # noqa: E402
+from models import Task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fine_tune_candidates.md"
 #: (model, space, trials as in compare.py, (batch, latency target as a ratio to the original) ...)
@@ -133,16 +133,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the CNN at batch 1, 0.5x only")
     args = parser.parse_args()
     torch.manual_seed(0)
-    tasks = {"cnn": lambda: cnn_task(log=lambda _: None), "minilm": lambda: minilm_task(log=lambda _: None)}
     rows = []
-    for name, space_name, trials, settings in QUICK if args.quick else SETTINGS:
-        task = tasks[name]()
-        space, _ = benchmark_space(space_name)
-        table = sensitivity_table(task, task.inputs["batch 1"], space)
-        for batch, target in settings:
-            tuned, by_number = fine_tune_every_plan(task, space, batch, target, trials, table)
-            rows.append(report(name, batch, target, tuned, by_number))
-            print(rows[-1], flush=True)
+    for name, task, space, table, trials, batch, target in compare_searches(QUICK if args.quick else SETTINGS):
+        tuned, by_number = fine_tune_every_plan(task, space, batch, target, trials, table)
+        rows.append(report(name, batch, target, tuned, by_number))
+        print(rows[-1], flush=True)
     text = "\n".join([
         "# Which plans to fine-tune",
         "",

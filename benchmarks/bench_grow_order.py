@@ -25,6 +25,7 @@ import argparse
 import statistics
 import sys
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,24 @@ def sensitivity_table(task: Task, inputs: tuple, space: ranksearch.SearchSpace) 
         return result.sensitivity
     except ranksearch.TargetUnreachableError as exc:
         return exc.sensitivity
+
+
+#: compare.py's models by name, trained (or read from the cache) quietly
+TASKS: dict[str, Callable[[], Task]] = {"cnn": lambda: cnn_task(log=lambda _: None),
+                                        "minilm": lambda: minilm_task(log=lambda _: None)}
+
+
+def compare_searches(settings: Sequence[tuple[str, str, int, Sequence[tuple[str, float]]]]
+                     ) -> Iterator[tuple[str, Task, ranksearch.SearchSpace, ranksearch.SensitivityTable, int, str, float]]:
+    """For each ``(model, space, trials, ((batch, target) ...))`` of ``settings``: the model's task, its
+    search space, its sensitivity table (measured once per model), the trials, and each batch and
+    target in turn - the searches of compare.py that the scripts beside it rerun."""
+    for name, space_name, trials, batches in settings:
+        task = TASKS[name]()
+        space, _ = benchmark_space(space_name)
+        table = sensitivity_table(task, task.inputs["batch 1"], space)
+        for batch, target in batches:
+            yield name, task, space, table, trials, batch, target
 
 
 def compare(task: Task, space_name: str, pairs: tuple, orders: int) -> list[str]:
