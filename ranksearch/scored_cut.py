@@ -10,8 +10,9 @@ layers the losses compound, and the table's order can be far off.
 :func:`scored_cut` takes the same steps down the same ladders, but lets the model's score choose
 them: a few rounds, each trying the few layers the table ranks first, each cut by a share of what
 the whole cut must save, and taking the one that loses the least per unit of cost saved by the
-search's own evaluation. It costs about ``rounds x tried`` evaluations (36 by default; at most twice
-that: 12-72 in ``benchmarks/bench_cuts.py``), and no timing. ``benchmarks/bench_cuts.py`` compares it with the table's cut and a uniform one.
+search's own evaluation. It costs about ``rounds x tried`` evaluations (36 by default, at most twice
+that), and no timing. ``benchmarks/bench_cuts.py`` compares it with the table's cut and a uniform
+one (12-72 evaluations a cut there).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from .fitting import Choices
 from .plan import KEEP
-from .sensitivity import Option, SensitivityTable, budget_cost, cut_ladders, least_loss_cut, open_ladders
+from .sensitivity import (Option, SensitivityTable, budget_cost, cut_ladders, least_loss_cut, loss_per_cost_saved,
+                          open_ladders)
 
 if TYPE_CHECKING:
     from .trials import TrialRunner
@@ -90,7 +92,7 @@ class _Move:
         self.name, self.now, self.ladder, self.steps = name, now, ladder, steps
         to = ladder[steps - 1]
         self.saved = now.cost - to.cost
-        self.table_loss_per_cost = max(0.0, to.loss - now.loss) / self.saved
+        self.table_loss_per_cost = loss_per_cost_saved(now, to)
 
     def applied(self, cut: Choices) -> Choices:
         to = self.ladder[self.steps - 1]

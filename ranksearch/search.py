@@ -494,12 +494,13 @@ def _check_latency_reachable(search: TrialRunner, targets: Targets, tolerance: f
     if fastest_ms <= limit:
         return Seed(FASTEST_SEED, choices) if fastest_ms > targets.latency_ms else None
     baseline_ms = search.baseline.latency_ms
+    floor = (f"every layer at cost_fraction.low {search.space.cost_fraction_low:g} with its fastest method, "
+             "or kept")
+    if floor_is_vbmf:
+        floor = f"the VBMF plan, faster than {floor}"
     raise TargetUnreachableError(
         f"the latency target {targets.latency_ms:.3f} ms ({targets.latency_ms / baseline_ms:.2f} of the original) is "
-        f"out of reach: the fastest plan of this search space ("
-        + ("the VBMF plan, faster than every layer at cost_fraction.low" if floor_is_vbmf else
-           "every layer at cost_fraction.low") +
-        f" {search.space.cost_fraction_low:g} with its fastest method, or kept) measured {fastest_ms:.3f} ms "
+        f"out of reach: the fastest plan of this search space ({floor}) measured {fastest_ms:.3f} ms "
         f"({fastest_ms / baseline_ms:.2f} of the original), timed alternately with the original; relax the target "
         "or widen the space (lower cost_fraction.low, more methods, smaller min_flops_share)",
         best_plan=plan, best_latency_ms=fastest_ms, study=study,

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Option", "SensitivityTable", "measure_sensitivity", "layer_options", "threshold_choices",
            "lagrangian_choices", "ranks_between", "sensitivity_seeds", "least_loss_cut", "cut_ladders",
-           "open_ladders", "step_value",
+           "open_ladders", "loss_per_cost_saved", "step_value",
            "budget_cost", "BudgetCost", "StepValue", "SENSITIVITY_SEEDS"]
 
 log = logging.getLogger("ranksearch.sensitivity")
@@ -394,9 +394,14 @@ def open_ladders(ladders: dict[str, list[Option]], choices: Choices) -> dict[str
             or {name: ladder for name, ladder in ladders.items() if ladder})
 
 
+def loss_per_cost_saved(now: Option, to: Option) -> float:
+    """The loss the table says a step from ``now`` down to ``to`` adds, per unit of cost it saves."""
+    return max(0.0, to.loss - now.loss) / (now.cost - to.cost)
+
+
 def _cheapest_move(now: dict[str, Option], ladders: dict[str, list[Option]], choices: Choices) -> str | None:
     """The layer whose next step down adds the least loss per unit of cost saved, by the table."""
-    moves = [(max(0.0, ladder[0].loss - now[name].loss) / (now[name].cost - ladder[0].cost), name)
+    moves = [(loss_per_cost_saved(now[name], ladder[0]), name)
              for name, ladder in open_ladders(ladders, choices).items()]
     return min(moves)[1] if moves else None
 
