@@ -59,8 +59,10 @@ class SearchResult:
         final: figures of ``model``; its latency was measured again at the end.
         pareto: feasible plans on the quality / latency front, best quality first; those the final
             check timed carry its latency (``checked_latency_ms``). When the answer sits less than 5%
-            under the latency target, the front also holds it cut to about 5% under that (``spare_for``
-            is the answer's trial; see :meth:`headroom_spares`), for a device that times the answer slower.
+            under the latency target, the list also holds it cut to about 5% under that (``spare_for``
+            is the answer's trial; see :meth:`headroom_spares`), for a device that times the answer
+            slower, on the front or not (with ``finetune_fn``, the plan returned may be behind another
+            on the front before fine-tuning, and so its spare).
         targets: the budgets, as absolute numbers.
         prediction_error: how far predicted model latency was from full-model measurements.
         message: a sentence on what happened (e.g. the original already met the target).
@@ -89,9 +91,9 @@ class SearchResult:
         """The returned plan cut to about 5% under its final check, best quality first: what to take
         when your own timing finds the answer a few percent over the target. When the search's own
         final checks came further over their trials' timings (a noisy machine), also a spare cut that
-        much under (up to 15%). Empty when the answer had that much room already or no cut fitted,
-        and with ``finetune_fn`` when the plan returned is not the best before fine-tuning (the spares
-        are cut from that one: ``spare_for``)."""
+        much under (up to 15%). Empty when the answer had that much room already or no cut fitted.
+        With ``finetune_fn`` a spare is a plan as decomposed: fine-tune it as the answer was; when the
+        plan returned is not the best before fine-tuning, the front holds that one's spares too."""
         return [p for p in self.pareto if p.spare_for is not None and p.spare_for == self.plan.metadata.get("trial")]
 
     def summary(self) -> str:

@@ -95,10 +95,14 @@ def plan_of(trial: optuna.trial.FrozenTrial, fingerprint: dict[str, Any]) -> Com
 
 
 def pareto_points(study: optuna.Study, fingerprint: dict[str, Any]) -> list[ParetoPoint]:
+    """The feasible plans on the study's front, and the headroom spares whether on it or not: a spare
+    is cut from the plan returned, which with ``finetune_fn`` need not be the best before fine-tuning,
+    and a faster plan that scored better before fine-tuning hides that plan's spare from the front."""
     checks = study.user_attrs.get("final_checks", {})  # trial number (str) -> ms, see final_checks.pick_answer
+    front = {t.number for t in study.best_trials}
     points = []
-    for trial in study.best_trials:
-        if not is_feasible(trial):
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if not is_feasible(trial) or (trial.number not in front and trial.user_attrs.get("move") != HEADROOM_MOVE):
             continue
         points.append(ParetoPoint(
             trial=trial.number, plan=plan_of(trial, fingerprint), score=trial.values[0],

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ranksearch
+from ranksearch.cost import count_flops
 from ranksearch.finetune import DEFAULT_FINETUNE_CANDIDATES
 from ranksearch.report import write_report
 from ranksearch.final_checks import _distinct_plans
@@ -115,6 +116,38 @@ def test_a_fine_tune_that_reverses_the_order_changes_the_pick(digits_mlp) -> Non
                                 show_progress_bar=False, eval_fn=eval_fn)
     assert plain.fine_tuned is None
     assert plain.plan.metadata["trial"] == records[0].trial  # without finetune_fn: the best before
+
+
+def test_a_plan_the_fine_tunes_pick_over_the_best_gets_its_own_headroom_spare(digits_mlp) -> None:
+    """A fine-tune under which the plan with the most FLOPs scores best: the pick is a plan at the
+    latency budget (FLOPs as ms), not the best before fine-tuning (far under it). Its spare, cut under
+    its final check, is handed over by ``headroom_spares`` although a faster plan that scored better
+    before fine-tuning hides it from the front."""
+    model, data = digits_mlp
+    x = data.x_test[:16]
+
+    def finetune_fn(m: nn.Module) -> None:
+        m.fine_tuned_marker = True
+
+    def eval_fn(m: nn.Module) -> float:
+        if getattr(m, "fine_tuned_marker", False):
+            return 1.0 + count_flops(m, x) / count_flops(model, x)
+        return accuracy(m, data.x_test, data.y_test)
+
+    result = ranksearch.optimize(model, x, target_latency_ratio=0.8, n_trials=12, seed=0, show_progress_bar=False,
+                                 latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6, eval_fn=eval_fn,
+                                 finetune_fn=finetune_fn, finetune_candidates=4, sensitivity=False)
+    target = 0.8 * result.baseline.latency_ms
+    records = result.fine_tuned
+    picked = result.plan.metadata["trial"]
+    assert picked != records[0].trial and result.plan.metadata["fine_tune"]["fine_tuned"] is True
+    assert 0.95 * target <= result.final.latency_ms <= target and records[0].latency_ms < 0.95 * target
+    spares = result.headroom_spares()
+    assert spares and all(p.spare_for == picked for p in spares)
+    assert all(0.85 * target <= p.measured_latency_ms <= 0.97 * target for p in spares)
+    # off the front before fine-tuning: a plan there is faster and scored better
+    best = next(p for p in result.pareto if p.trial == records[0].trial)
+    assert all(best.score > p.score and best.measured_latency_ms < p.measured_latency_ms for p in spares)
 
 
 @pytest.mark.parametrize("kind", ["harmful", "no-op"])
