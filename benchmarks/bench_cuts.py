@@ -9,7 +9,8 @@ and one sensitivity table per model), then cuts each answer 5%, 10% and 15% unde
 * *shared factor*: every compressed layer's cost fraction by one factor (``tightened_choices``);
 * *table*: ranks lowered where the sensitivity table, each layer scored alone, says it costs least
   (``least_loss_cut``);
-* *scored*: the same steps, picked by the model's validation score (``scored_cut``).
+* *scored*: the same steps, picked by the model's validation score, or the table's cut where that
+  scores higher (``scored_cut``).
 
 Per cut: validation and test score, the latency ratio the search predicts for it and a timing of
 it (one, beside the original, as the search's trials time plans: noisy at batch 1), and the
@@ -152,7 +153,8 @@ def main() -> None:
         "answer cut 5, 10 and 15% under its final check (unless the check is that far under the target",
         "already: the search makes no such spare), three ways: every compressed layer's cost fraction by one",
         "*shared factor*; ranks lowered where the sensitivity *table* (each layer scored alone) says it costs",
-        "least; the same steps picked by the plans' validation *scores* (`ranksearch.scored_cut`).",
+        "least; the same steps picked by the plans' validation *scores*, or the table's cut where that scores",
+        "higher (`ranksearch.scored_cut`).",
         "Each cell: validation and test score (CNN: accuracy; MiniLM: mean cosine to the original's",
         "embeddings); latency ratio to the original as the search predicts it / one timing beside the",
         "original; the seconds the cut took (and the plans it scored). *answer*: its trial, validation score",

@@ -98,8 +98,8 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
 
     Two cuts: every compressed layer's cost fraction by one shared factor (``tightened_choices``),
     and, with a sensitivity table, ranks lowered step by step where the plans' own scores say it
-    costs the least quality, the steps tried in the order the table gives (``scored_cut``: 12-72
-    evaluations, no timing). Their trials score them, and the final checks take them in turn by score.
+    costs the least quality, the steps tried in the order the table gives, or the table's own cut
+    where that scores higher (``scored_cut``: 12-74 evaluations, no timing). Their trials score them, and the final checks take them in turn by score.
 
     Why: the plans checked first are the best ones, and they sit at the budget; a final check that
     disagrees with the trials by a few percent (the machine's speed moves that much between two

@@ -185,7 +185,7 @@ def optimize(
             seed the plans that spend the budget where it costs the least quality
             (``ranksearch.sensitivity``). Costs seven evaluations per layer and method (one method per
             layer when that would exceed 320); worth it unless evaluations are very expensive. Under a
-            latency target the table also steers the cuts of the answer's repairs and spares, 12-72
+            latency target the table also steers the cuts of the answer's repairs and spares, 12-74
             evaluations each (``ranksearch.scored_cut``). The table does not depend on the budget:
             pass a previous result's ``result.sensitivity`` (same model, same quality measure and
             space) to reuse it for another target.

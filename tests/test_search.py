@@ -1372,3 +1372,30 @@ def test_the_scored_cut_takes_the_steps_the_models_score_says_lose_least() -> No
     assert scored_cut(runner, table, plan, within(12), failing_on_b, 0.9) == {"a": ("svd", 4), "b": ("svd", 8)}
     assert scored_cut(runner, table, plan, within(3), score_of, 0.9) is None  # even the cheapest ranks do not fit
     assert scored_cut(runner, table, plan, within(16), score_of, 0.9) is None  # nothing to cut
+
+
+def test_the_scored_cut_returns_the_table_s_cut_where_that_scores_higher() -> None:
+    """A model whose loss in "a" is all in its first step down: each round the greedy steps "b", which
+    looks cheaper one step at a time, and ends below the table's cut of "a" alone; that one is returned."""
+    from ranksearch.scored_cut import scored_cut
+    from ranksearch.sensitivity import SensitivityTable, least_loss_cut
+
+    losses = {"a": (("svd", 8, 0.0), ("svd", 4, 0.01), ("svd", 2, 0.3)),
+              "b": (("svd", 8, 0.0), ("svd", 4, 0.2), ("svd", 2, 0.5))}
+    runner = _rank_cost_runner(losses)
+    table = SensitivityTable(losses, fingerprint="x", evaluations=6, seconds=0.0)
+    plan = {"a": ("svd", 8), "b": ("svd", 8)}
+
+    def score_of(choices) -> float:
+        a, b = choices["a"][1], choices["b"][1]
+        return 0.9 - (0.05 if a < 8 else 0.0) - 0.02 * (8 - b) ** 2
+
+    def within(ms: float):
+        return lambda choices: sum(rank for _, rank in choices.values()) <= ms
+
+    table_cut = least_loss_cut(runner, table, plan, within(12))
+    assert table_cut == {"a": ("svd", 4), "b": ("svd", 8)} and score_of(table_cut) == pytest.approx(0.85)
+    assert scored_cut(runner, table, plan, within(12), score_of, 0.9) == table_cut
+    # the greedy's own path, "b" down first, is what it returns when the table's cut scores lower
+    assert scored_cut(runner, table, plan, within(12), lambda c: score_of(c) - 0.1 * (c == table_cut), 0.9) == {
+        "a": ("svd", 5), "b": ("svd", 7)}
