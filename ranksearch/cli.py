@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import sys
@@ -221,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search the per-layer decomposition plan that meets the budget with the best quality. "
                     "Writes to --out: plan.json, compressed.pt (the plan and the compressed weights; load it "
                     "with ranksearch.model_io.load_compressed and the original's factory), compressed.pt2 (a "
-                    "torch.export program, when the model exports) and report.md with its figures.",
+                    "torch.export program, when the model exports), report.md with its figures and, for an "
+                    "answer less than 5% under a latency target, spare_plan_N.json: it cut further under (apply "
+                    "one with 'ranksearch apply' when your own timing finds the answer over the target).",
     )
     optimize.epilog = (
         "example: ranksearch optimize examples.digits_factory:trained_cnn --input-shape 1,1,16,16 "
@@ -445,10 +448,27 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             log.warning("the compressed model could not be exported with torch.export (%s: %s); "
                         "compressed.pt holds it", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     written.append(write_report(out, result=result))
+    written += _write_spares(result, out)
     print(result.summary())
     print()
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _write_spares(result: Any, out: Path) -> list[Path]:
+    """The answer's headroom spares (``SearchResult.headroom_spares``) as plan files beside plan.json,
+    best quality first: what to apply (``ranksearch apply``) when your own timing finds the answer over
+    the target. Each says in its metadata which trial it is, which plan it was cut from, and its trial's
+    latency and score."""
+    paths = []
+    for number, spare in enumerate(result.headroom_spares(), start=1):
+        plan = copy.deepcopy(spare.plan)
+        plan.metadata = {"headroom_spare_for": spare.spare_for, "trial": spare.trial,
+                         "study": result.plan.metadata.get("study"), "targets": result.targets,
+                         "latency_ms_in_its_trial": spare.measured_latency_ms or spare.latency_ms,
+                         "score": spare.score, "fine_tuned": False}
+        paths.append(plan.save(out / f"spare_plan_{number}.json"))
+    return paths
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

@@ -99,7 +99,8 @@ def _repair(study: optuna.Study, search: TrialRunner, trial: optuna.trial.Frozen
     Two cuts: every compressed layer's cost fraction by one shared factor (``tightened_choices``),
     and, with a sensitivity table, ranks lowered step by step where the plans' own scores say it
     costs the least quality, the steps tried in the order the table gives, or the table's own cut
-    where that scores higher (``scored_cut``: 12-74 evaluations, no timing). Their trials score them, and the final checks take them in turn by score.
+    where that scores higher (``scored_cut``: 12-74 evaluations, no timing). Their trials score them,
+    and the final checks take them in turn by score.
 
     Why: the plans checked first are the best ones, and they sit at the budget; a final check that
     disagrees with the trials by a few percent (the machine's speed moves that much between two
@@ -281,7 +282,7 @@ def _result(
     (or the best as decomposed, where no fine-tune scored above it).
 
     ``make_spares(trial, checked_ms)`` cuts the headroom spares of the best verified plan and, when
-    fine-tuning picks another, of that one too: the spares on the front are for the plan returned.
+    fine-tuning picks another, of that one too, so that ``result.headroom_spares()`` are the returned plan's.
     Why: in the benchmark's runs at 4ec774c and 3d127f0, the plan the fine-tunes picked (the CNN at
     batch 1, 0.5x and 0.35x: the energy seed, validation 0.49 -> 0.99, and a seed at 0.17 -> 0.81)
     timed 4% and 12% over the search's final check there, and with no spare of its own the row fell

@@ -117,6 +117,12 @@ class SearchResult:
             f"| quality score | {score(b.score)} | {score(f.score)} | |",
         ]
         lines = ["\n".join(rows), "", f"{len(self.plan)} layers decomposed:", self.plan.summary()]
+        spares = self.headroom_spares()
+        if spares:
+            lines += ["", "Headroom spares (the plan cut under the target, for a device that times it slower; "
+                      "headroom_spares()): " + "; ".join(
+                          f"trial {p.trial}, {p.measured_latency_ms or p.latency_ms:.3f} ms in its trial, score "
+                          f"{p.score:.4f}" for p in spares)]
         if self.message:
             lines.insert(0, self.message + "\n")
         return "\n".join(lines)

@@ -118,6 +118,40 @@ def test_optimize_with_a_fine_tune_saves_the_fine_tuned_model(tmp_path, capsys) 
     assert "fine-tuned 2 verified plans" in stdout
 
 
+def test_optimize_writes_the_answer_s_headroom_spares_as_plans_to_apply(tmp_path, capsys, monkeypatch) -> None:
+    """Under a latency target the answer sits at (FLOPs as ms, so the search is the same every run),
+    'ranksearch optimize' writes each of the answer's headroom spares as a plan file, says so, and
+    'ranksearch apply' rebuilds the model from one."""
+    import ranksearch.cli
+
+    x = torch.randn(4, cli_factory.IN_FEATURES)
+    result = ranksearch.optimize(cli_factory.mlp(), x, target_latency_ratio=0.8, n_trials=10, seed=0,
+                                 latency_fn=lambda m, inputs: count_flops(m, inputs) / 1e6,
+                                 eval_fn=cli_factory.agreement, search_space="transformer", sensitivity=False,
+                                 show_progress_bar=False)
+    spares = result.headroom_spares()
+    assert spares  # the answer sits less than 5% under the target
+    monkeypatch.setattr(ranksearch.cli, "_run_optimize", lambda args: (result, (x,)))
+    out = tmp_path / "out"
+    code, stdout, err = _main(["optimize", *MODEL_ARGS, "--out", str(out), "--no-export"], capsys)
+    assert code == 0, err
+    written = sorted(out.glob("spare_plan_*.json"))
+    assert [p.name for p in written] == [f"spare_plan_{n}.json" for n in range(1, len(spares) + 1)]
+    for path, spare in zip(written, spares, strict=True):
+        plan = CompressionPlan.load(path)
+        assert plan.to_dict()["layers"] == spare.plan.to_dict()["layers"]
+        assert plan.metadata["headroom_spare_for"] == result.plan.metadata["trial"]
+        assert plan.metadata["trial"] == spare.trial and plan.metadata["score"] == spare.score
+        assert plan.metadata["latency_ms_in_its_trial"] < 0.8 * result.baseline.latency_ms
+        assert str(path) in stdout and f"trial {spare.trial}," in stdout  # named, and listed in the summary
+    assert spares[0].plan.metadata == {}  # the result's own plans are left as they were
+
+    code, stdout, err = _main(["apply", str(written[0]), FACTORY, "--out", str(tmp_path / "spare.pt")], capsys)
+    assert code == 0, err
+    spare_model = load_compressed(tmp_path / "spare.pt", factory=FACTORY)
+    assert count_flops(spare_model, x) == spares[0].flops < result.final.flops
+
+
 def test_the_study_stays_readable_by_optuna(optimized) -> None:
     study = optuna.load_study(study_name="mlp", storage=f"sqlite:///{optimized['db']}")
     assert len([t for t in study.trials if t.state.is_finished()]) == 5  # --trials is the study's total
