@@ -311,6 +311,8 @@ def _layer_table(rows: Sequence[LayerRow]) -> list[str]:
 def _study_lines(fig: _Figures) -> list[str]:
     import optuna
 
+    from .study import HEADROOM_MOVE
+
     study = fig.study
     every = study.get_trials(deepcopy=False)
     trials = [t for t in every if t.state.is_finished()]
@@ -336,6 +338,17 @@ def _study_lines(fig: _Figures) -> list[str]:
         errors = [abs(t.user_attrs["predicted_latency_ms"] / t.user_attrs["measured_latency_ms"] - 1) for t in measured]
         lines.append(f"- latency prediction checked on {len(measured)} trials: median error "
                      f"{sorted(errors)[len(errors) // 2]:.1%}")
+    spares = sorted((t for t in complete if _feasible(t) and t.user_attrs.get("move") == HEADROOM_MOVE
+                     and fig.chosen_trial is not None and t.user_attrs.get("neighbour_of") == fig.chosen_trial),
+                    key=lambda t: -t.values[0])
+    if spares:
+        def latency_ms(trial: optuna.trial.FrozenTrial) -> float:
+            return trial.user_attrs.get("measured_latency_ms", trial.user_attrs.get("predicted_latency_ms", math.nan))
+
+        lines.append("- headroom spares of this plan (cut under the target, for a device that times it slower; "
+                     "`ranksearch optimize` writes them as spare_plan_N.json, in this order): " + "; ".join(
+                         f"trial {t.number}, {latency_ms(t):.3f} ms in its trial, score {t.values[0]:.4f}"
+                         for t in spares))
     return lines
 
 

@@ -145,6 +145,8 @@ def test_optimize_writes_the_answer_s_headroom_spares_as_plans_to_apply(tmp_path
         assert plan.metadata["latency_ms_in_its_trial"] < 0.8 * result.baseline.latency_ms
         assert str(path) in stdout and f"trial {spare.trial}," in stdout  # named, and listed in the summary
     assert spares[0].plan.metadata == {}  # the result's own plans are left as they were
+    report = (out / "report.md").read_text()
+    assert "headroom spares of this plan" in report and all(f"trial {p.trial}," in report for p in spares)
 
     code, stdout, err = _main(["apply", str(written[0]), FACTORY, "--out", str(tmp_path / "spare.pt")], capsys)
     assert code == 0, err
