@@ -17,7 +17,7 @@ fine-tune, and reports per setting:
 The picks leave out the final latency checks (every plan here met the target in its trial), so a
 search may pick otherwise where a check rules a plan out.
 
-Writes benchmarks/results/fine_tune_candidates.md and prints it. About fifteen minutes on 2 cores
+Writes benchmarks/results/fine_tune_candidates.md and prints it. 6-15 minutes on 2 cores
 (``--quick``: the CNN at batch 1, 0.5x only, about three).
 
     python benchmarks/bench_fine_tune_candidates.py [--quick]

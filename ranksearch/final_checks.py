@@ -196,7 +196,11 @@ def _fine_tune_order(queue: list[optuna.trial.FrozenTrial], verified_lineages: s
     at batch 1, 0.7x and 0.5x latency, batch 8, 0.5x and 0.35x; MiniLM at batch 1 and 8, 0.5x), with
     every plan under the target fine-tuned (``benchmarks/bench_fine_tune_candidates.py``, its results
     in ``benchmarks/results/fine_tune_candidates.md``), the Lagrangian sensitivity seed scored at least
-    as well after the fine-tune as the energy seed and the uniform seed in all six. At the CNN's batch
+    as well after the fine-tune as the energy seed and the uniform seed in all six on the AVX2 machine
+    of the runs at 964ad9c; on the AVX-512 machine of the run at 1a26484, the better sensitivity seed
+    after the fine-tune scored above both at three of the five searches that had one (the CNN at
+    batch 8, 0.5x: 0.961 against 0.939 and 0.944; MiniLM by 0.15-0.21) and below the energy seed by one
+    and four validation items of 180 at the CNN's batch 1, 0.7x and 0.5x. At the CNN's batch
     1, 0.5x the best plan before the fine-tune came from another seed (0.36 validation accuracy
     before, 0.90 after) and the sensitivity seeds, at 0.13 and 0.11 before, reached 0.91 and 0.93 (in
     another search there, the best plan descended from the energy seed: 0.37 -> 0.82, the sensitivity
