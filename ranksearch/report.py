@@ -31,7 +31,7 @@ from .decompose import get_method
 from .exceptions import PlanError, RankSearchError, StudyMismatchError
 from .layers import LayerSpec
 from .plan import KEEP, CompressionPlan
-from .result import SearchResult
+from .result import SearchResult, spares_text
 
 __all__ = ["LayerRow", "layer_rows", "make_figures", "write_report"]
 
@@ -311,7 +311,7 @@ def _layer_table(rows: Sequence[LayerRow]) -> list[str]:
 def _study_lines(fig: _Figures) -> list[str]:
     import optuna
 
-    from .study import HEADROOM_MOVE
+    from .study import pareto_points
 
     study = fig.study
     every = study.get_trials(deepcopy=False)
@@ -338,17 +338,10 @@ def _study_lines(fig: _Figures) -> list[str]:
         errors = [abs(t.user_attrs["predicted_latency_ms"] / t.user_attrs["measured_latency_ms"] - 1) for t in measured]
         lines.append(f"- latency prediction checked on {len(measured)} trials: median error "
                      f"{sorted(errors)[len(errors) // 2]:.1%}")
-    spares = sorted((t for t in complete if _feasible(t) and t.user_attrs.get("move") == HEADROOM_MOVE
-                     and fig.chosen_trial is not None and t.user_attrs.get("neighbour_of") == fig.chosen_trial),
-                    key=lambda t: -t.values[0])
+    spares = [p for p in pareto_points(study, {}) if p.spare_for is not None and p.spare_for == fig.chosen_trial]
     if spares:
-        def latency_ms(trial: optuna.trial.FrozenTrial) -> float:
-            return trial.user_attrs.get("measured_latency_ms", trial.user_attrs.get("predicted_latency_ms", math.nan))
-
         lines.append("- headroom spares of this plan (cut under the target, for a device that times it slower; "
-                     "`ranksearch optimize` writes them as spare_plan_N.json, in this order): " + "; ".join(
-                         f"trial {t.number}, {latency_ms(t):.3f} ms in its trial, score {t.values[0]:.4f}"
-                         for t in spares))
+                     f"`ranksearch optimize` writes them as spare_plan_N.json, in this order): {spares_text(spares)}")
     return lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,12 @@ class ParetoPoint:
     checked_latency_ms: float | None = None
     # for a headroom spare: the trial whose plan it cut to about 5% under that plan's final check
     spare_for: int | None = None
+
+
+def spares_text(spares: list[ParetoPoint]) -> str:
+    """Headroom spares in one line: each one's trial, latency in its trial and score."""
+    return "; ".join(f"trial {p.trial}, {p.measured_latency_ms or p.latency_ms or math.nan:.3f} ms in its trial, "
+                     f"score {p.score:.4f}" for p in spares)
 
 
 @dataclass
@@ -120,9 +127,7 @@ class SearchResult:
         spares = self.headroom_spares()
         if spares:
             lines += ["", "Headroom spares (the plan cut under the target, for a device that times it slower; "
-                      "headroom_spares()): " + "; ".join(
-                          f"trial {p.trial}, {p.measured_latency_ms or p.latency_ms:.3f} ms in its trial, score "
-                          f"{p.score:.4f}" for p in spares)]
+                      f"headroom_spares()): {spares_text(spares)}"]
         if self.message:
             lines.insert(0, self.message + "\n")
         return "\n".join(lines)

@@ -72,10 +72,8 @@ def scored_cut(runner: TrialRunner, table: SensitivityTable, choices: Choices, f
             scored = []
             for move in moves[:tried]:
                 move = move.trimmed(cut, fits)
-                try:
-                    after = score_of(move.applied(cut))
-                except Exception as exc:  # a plan the evaluation cannot score is not taken
-                    log.debug("scored cut: %s down %d step(s) failed: %s", move.name, move.steps, exc)
+                after = _score_or_none(score_of, move.applied(cut))
+                if after is None:  # a plan the evaluation cannot score is not taken
                     continue
                 evaluations += 1
                 scored.append(((score - after) / move.saved, -move.saved, move, after))
@@ -99,10 +97,11 @@ def scored_cut(runner: TrialRunner, table: SensitivityTable, choices: Choices, f
 
 
 def _score_or_none(score_of: Callable[[Choices], float], choices: Choices) -> float | None:
+    """``score_of(choices)``, or ``None`` where the evaluation fails on that plan."""
     try:
         return score_of(choices)
-    except Exception as exc:  # a plan the evaluation cannot score is not preferred
-        log.debug("scored cut: scoring a cut failed: %s", exc)
+    except Exception as exc:
+        log.debug("scored cut: scoring %s failed: %s", choices, exc)
         return None
 
 
