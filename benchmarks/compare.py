@@ -795,11 +795,11 @@ class Benchmark:
             return None if ms is None else ms / search_ms
 
         on_front = [p for p in result.pareto if p.trial not in after_ft
-                    and (p.measured_latency_ms or p.latency_ms or math.inf) <= target * search_ms
+                    and (p.trial_latency_ms or math.inf) <= target * search_ms
                     # and not ruled out by the search's own final check:
                     and (p.checked_latency_ms or 0.0) <= target * (1 + SEARCH_TOLERANCE) * search_ms]
         by_score = sorted([(r.score, -r.trial, (r.trial, r.plan, ratio(r.latency_ms))) for r in tuned[1:]]
-                          + [(p.score, -p.trial, (p.trial, p.plan, ratio(p.measured_latency_ms or p.latency_ms)))
+                          + [(p.score, -p.trial, (p.trial, p.plan, ratio(p.trial_latency_ms)))
                              for p in on_front], reverse=True)
         fallbacks = Fallbacks([entry for *_, entry in by_score],
                               {p.trial: p.spare_for for p in result.pareto if p.spare_for is not None})

@@ -465,7 +465,7 @@ def _write_spares(result: Any, out: Path) -> list[Path]:
         plan = copy.deepcopy(spare.plan)
         plan.metadata = {"headroom_spare_for": spare.spare_for, "trial": spare.trial,
                          "study": result.plan.metadata.get("study"), "targets": result.targets,
-                         "latency_ms_in_its_trial": spare.measured_latency_ms or spare.latency_ms,
+                         "latency_ms_in_its_trial": spare.trial_latency_ms,
                          "score": spare.score, "fine_tuned": False}
         paths.append(plan.save(out / f"spare_plan_{number}.json"))
     return paths

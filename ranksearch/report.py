@@ -31,7 +31,7 @@ from .decompose import get_method
 from .exceptions import PlanError, RankSearchError, StudyMismatchError
 from .layers import LayerSpec
 from .plan import KEEP, CompressionPlan
-from .result import SearchResult, spares_text
+from .result import SearchResult, spares_of, spares_text
 
 __all__ = ["LayerRow", "layer_rows", "make_figures", "write_report"]
 
@@ -338,7 +338,7 @@ def _study_lines(fig: _Figures) -> list[str]:
         errors = [abs(t.user_attrs["predicted_latency_ms"] / t.user_attrs["measured_latency_ms"] - 1) for t in measured]
         lines.append(f"- latency prediction checked on {len(measured)} trials: median error "
                      f"{sorted(errors)[len(errors) // 2]:.1%}")
-    spares = [p for p in pareto_points(study, {}) if p.spare_for is not None and p.spare_for == fig.chosen_trial]
+    spares = spares_of(pareto_points(study, {}), fig.chosen_trial)
     if spares:
         lines.append("- headroom spares of this plan (cut under the target, for a device that times it slower; "
                      f"`ranksearch optimize` writes them as spare_plan_N.json, in this order): {spares_text(spares)}")

@@ -47,10 +47,20 @@ class ParetoPoint:
     # for a headroom spare: the trial whose plan it cut to about 5% under that plan's final check
     spare_for: int | None = None
 
+    @property
+    def trial_latency_ms(self) -> float | None:
+        """Its latency in its trial: measured there, else predicted."""
+        return self.measured_latency_ms or self.latency_ms
+
+
+def spares_of(points: list[ParetoPoint], trial: int | None) -> list[ParetoPoint]:
+    """The headroom spares among ``points`` cut from ``trial``'s plan, in their order."""
+    return [p for p in points if p.spare_for is not None and p.spare_for == trial]
+
 
 def spares_text(spares: list[ParetoPoint]) -> str:
     """Headroom spares in one line: each one's trial, latency in its trial and score."""
-    return "; ".join(f"trial {p.trial}, {p.measured_latency_ms or p.latency_ms or math.nan:.3f} ms in its trial, "
+    return "; ".join(f"trial {p.trial}, {p.trial_latency_ms or math.nan:.3f} ms in its trial, "
                      f"score {p.score:.4f}" for p in spares)
 
 
@@ -101,7 +111,7 @@ class SearchResult:
         much under (up to 15%). Empty when the answer had that much room already or no cut fitted.
         With ``finetune_fn`` a spare is a plan as decomposed: fine-tune it as the answer was; when the
         plan returned is not the best before fine-tuning, the front holds that one's spares too."""
-        return [p for p in self.pareto if p.spare_for is not None and p.spare_for == self.plan.metadata.get("trial")]
+        return spares_of(self.pareto, self.plan.metadata.get("trial"))
 
     def summary(self) -> str:
         """A before / after table, in Markdown."""

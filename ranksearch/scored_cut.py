@@ -83,8 +83,6 @@ def scored_cut(runner: TrialRunner, table: SensitivityTable, choices: Choices, f
         now[best.name] = ladders[best.name][best.steps - 1]
         ladders[best.name] = ladders[best.name][best.steps:]
         cut[best.name] = (now[best.name].method, now[best.name].rank)  # type: ignore[assignment]
-    if cut == choices:
-        return None
     if goal != cut:
         cut_score = score if scored_to_the_end else _score_or_none(score_of, cut)
         goal_score = _score_or_none(score_of, goal)
