@@ -334,6 +334,8 @@ def optimize(
             seeds = search.seeds(weakening=vbmf_weakening, sensitivity=table, first=[floor] if floor else [])
             for seed_plan in seeds[:n_trials]:
                 search.enqueue(study, seed_plan, seed=seed_plan.origin)
+            # evaluations outside the trials, besides the sensitivity table's (best_cheaper_plan)
+            study.set_user_attr("seed_scan_evaluations", search.scan_evaluations)
 
         finished = [t for t in study.trials if t.state.is_finished()]
         remaining = max(0, n_trials - len(finished))

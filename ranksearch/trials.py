@@ -24,7 +24,7 @@ from torch import nn
 
 from .cost import LatencyPredictor, LatencyRatio
 from .exceptions import EvaluationError
-from .fitting import Choices, choices_key, fit_to_budget
+from .fitting import Choices, best_cheaper_plan, choices_key, fit_to_budget
 from .plan import KEEP, CompressionPlan, LayerChoice
 from .quality import FidelityScorer, checked_score
 from .result import ModelStats
@@ -98,6 +98,7 @@ class TrialRunner:
         self.workbench = ModelWorkbench(reference, [c.spec for c in self.searchable])
         self.evaluated = 0  # trials scored
         self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
+        self.scan_evaluations = 0  # plans scored outside trials by best_cheaper_plan
         self._measured: dict[str, float] = {}  # plan key -> measured latency, ms
         self._second_looks: set[str] = set()  # plan keys timed again by second_look
         # the original's timings (when, ms), for drift() and timing_noise()
@@ -475,10 +476,12 @@ class TrialRunner:
         heuristic = heuristic_seeds(self.reference, self.searchable, self.space, weakening=weakening)
         on_measurement = self.predictor is not None and bool(self.latency_check_every)
         fitted = fitted_seeds(self.reference, self.searchable, self.space, self.fit,
-                              shortlist=self.by_predicted_score if on_measurement else None)
+                              shortlist=self.by_predicted_score if on_measurement else None,
+                              scan=self.best_cheaper_plan)
         allocated = sensitivity_seeds(self, sensitivity) if sensitivity is not None else []
-        log.info("seed plans built and fitted to the budget in %.1f s (%d whole-model measurements so far)",
-                 time.perf_counter() - started, len(self._measured))
+        log.info("seed plans built and fitted to the budget in %.1f s (%d whole-model measurements so far; %d plans "
+                 "scored under the fitted ones)", time.perf_counter() - started, len(self._measured),
+                 self.scan_evaluations)
         # most promising first, so a small trial budget still runs them: the VBMF plan (the classic
         # one-shot answer), plans fitted to the budget, then the fixed energy thresholds
         vbmf = [s for s in heuristic if s.origin.startswith("seed:vbmf")]
@@ -488,6 +491,19 @@ class TrialRunner:
         for seed in found:
             unique.setdefault(choices_key(seed.choices), seed)
         return list(unique.values())
+
+    def best_cheaper_plan(self, make: Callable[[float], Choices], knob: float, cheap: float) -> Choices:
+        """The best-scoring of a fitted plan and the knob's plans a little cheaper by prediction
+        (``ranksearch.fitting.best_cheaper_plan``; a few evaluations, no timing)."""
+        def excess(choices: Choices) -> float:
+            return max(self.violations(choices).values())
+
+        def score(choices: Choices) -> float:
+            self.scan_evaluations += 1
+            return self.score_choices(choices)
+
+        best, _ = best_cheaper_plan(make, knob, cheap, excess=excess, score=score)
+        return best
 
     def by_predicted_score(self, plans: Mapping[str, Callable[[float], Choices]], cheap: float,
                            dear: float) -> list[str]:

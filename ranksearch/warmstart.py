@@ -7,7 +7,9 @@ A short search should already start from the best one-shot answers. Two kinds of
 * **budget-fitted seeds** - a one-dimensional knob tuned so that the plan just meets the budget
   (``ranksearch.fitting``: bisection on predicted, then on measured latency): the energy threshold ``tau`` (ranks where the spectrum says), and, per method family,
   one cost fraction shared by every layer (the "uniform ratio" plan). These are the plans a careful
-  user would build by hand; the search starts from them and improves on them.
+  user would build by hand; the search starts from them and improves on them. Where the knob's
+  plans score in no order near the budget, the best-scoring of a few cheaper ones joins them
+  (``ranksearch.fitting.best_cheaper_plan``).
 
 A choice is ``layer name -> (method, rank)``; layers not in it are kept.
 """
@@ -22,12 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from .fitting import Choices, Fit
+from .fitting import Choices, Fit, choices_key
 from .rank import default_method, suggest_rank
 from .space import LayerCandidates, SearchSpace
 
 __all__ = ["Seed", "heuristic_seeds", "vbmf_choices", "fitted_seeds", "SEED_ENERGY_TAUS", "ENERGY_FIT_SEED", "FASTEST_SEED", "Shortlist",
-           "is_uniform_fit"]
+           "Scan", "SCAN_SUFFIX", "is_uniform_fit"]
 
 log = logging.getLogger("ranksearch.warmstart")
 
@@ -42,10 +44,16 @@ ENERGY_FIT_SEED = "seed:energy-fit"
 FASTEST_SEED = "seed:fastest"
 #: the origins of the seeds whose cost fraction, shared by every layer, is fitted to the budget
 _UNIFORM_FIT_SEED = "seed:uniform-{family}-fit"
+#: appended to a fitted seed's origin for the cheaper plan of the same knob that scored above it
+SCAN_SUFFIX = "-scan"
 
 #: ``shortlist(plans, cheap, dear)``: the uniform families (``plans``: family -> cost fraction -> plan)
 #: in the order to fit them on measurement, most promising first; those left out are not fitted
 Shortlist = Callable[[Mapping[str, Callable[[float], Choices]], float, float], list[str]]
+
+#: ``scan(make, knob, cheap)``: the best-scoring plan of ``make`` at ``knob`` (fitted to the budget) or
+#: cheaper (``ranksearch.fitting.best_cheaper_plan`` with the search's prediction and score)
+Scan = Callable[[Callable[[float], Choices], float, float], Choices]
 
 
 def is_uniform_fit(origin: str | None) -> bool:
@@ -98,8 +106,22 @@ def heuristic_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates],
             for origin, options in configs]
 
 
+def _fit_with_knob(fit: Fit, make: Callable[[float], Choices], cheap: float,
+                   dear: float) -> tuple[Choices, float] | None:
+    """``fit``'s plan and a knob value that gives it (the fit returns the plan alone)."""
+    knobs: dict[str, float] = {}
+
+    def recorded(knob: float) -> Choices:
+        choices = make(knob)
+        knobs.setdefault(choices_key(choices), knob)
+        return choices
+
+    fitted = fit(recorded, cheap, dear)
+    return (fitted, knobs[choices_key(fitted)]) if fitted else None
+
+
 def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], space: SearchSpace,
-                 fit: Fit, *, shortlist: Shortlist | None = None) -> list[Seed]:
+                 fit: Fit, *, shortlist: Shortlist | None = None, scan: Scan | None = None) -> list[Seed]:
     """Plans tuned to just meet the budget: energy threshold, and one shared cost fraction per family.
 
     With ``shortlist`` (given where only measurement settles the budget, see :data:`Shortlist`),
@@ -108,15 +130,32 @@ def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], sp
     budget. (Two benchmark runs, the CNN's 10 searches with uniform seeds: uniform channel plans
     scored 0.11-0.58 on validation, the best family's 0.32-0.88; one search returned a uniform
     plan, Tucker-2 at 0.35x, the best family there.)
+
+    With ``scan`` (see :data:`Scan`), each fitted plan is followed by the knob's cheaper plan that
+    scored above it, if one did (origin: the fitted seed's plus :data:`SCAN_SUFFIX`).
     """
     seeds = []
+
+    def add(origin: str, make: Callable[[float], Choices], cheap: float, dear: float) -> bool:
+        found = _fit_with_knob(fit, make, cheap, dear)
+        if found is None:
+            return False
+        fitted, knob = found
+        seeds.append(Seed(origin, fitted))
+        if scan is not None:
+            try:
+                best = scan(make, knob, cheap)
+            except Exception as exc:  # a plan failing to score must not sink the search: keep the fitted one
+                log.debug("no scan under %s: %s", origin, exc)
+                best = fitted
+            if best != fitted:
+                seeds.append(Seed(origin + SCAN_SUFFIX, best))
+        return True
 
     def energy_plan(tau: float) -> Choices:
         return _heuristic_choices(reference, searchable, space.round_to, heuristic="energy", tau=tau)
 
-    fitted = fit(energy_plan, ENERGY_FIT_RANGE[0], ENERGY_FIT_RANGE[1])
-    if fitted:
-        seeds.append(Seed(ENERGY_FIT_SEED, fitted))
+    add(ENERGY_FIT_SEED, energy_plan, *ENERGY_FIT_RANGE)
 
     def uniform_plan(fraction: float, family: str) -> Choices:
         choices: Choices = {}
@@ -133,9 +172,7 @@ def fitted_seeds(reference: nn.Module, searchable: Sequence[LayerCandidates], sp
     if shortlist is not None and len(families) > 1:
         families = shortlist(plans, space.cost_fraction_low, space.cost_fraction_high)
     for family in families:
-        fitted = fit(plans[family], space.cost_fraction_low, space.cost_fraction_high)
-        if fitted:
-            seeds.append(Seed(_UNIFORM_FIT_SEED.format(family=family), fitted))
-            if shortlist is not None:
-                break  # the most promising family that fits
+        if add(_UNIFORM_FIT_SEED.format(family=family), plans[family], space.cost_fraction_low,
+               space.cost_fraction_high) and shortlist is not None:
+            break  # the most promising family that fits
     return seeds

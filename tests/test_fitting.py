@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ranksearch.fitting import boundary, fit_to_budget
+from ranksearch.fitting import best_cheaper_plan, boundary, fit_to_budget
 
 
 def _plan(knob: float) -> dict:
@@ -207,3 +207,36 @@ def test_a_plan_measured_just_under_the_budget_is_kept_without_measuring_the_nex
                             measured_feasible=_threshold(0.51, calls), rescaled=lambda anchors: _threshold(0.5),
                             measured_slack=lambda choices: (0.51 - choices["layer"][1]) / 0.51)  # 2% under
     assert choices is not None and choices["layer"][1] == 0.5 and calls == [0.5]
+
+
+def _stepped_plan(knob: float) -> dict:
+    # plans change in steps of 1 along the knob (a rank), as a real knob's do
+    return {"layer": ("svd", float(int(knob)))}
+
+
+def test_best_cheaper_plan_takes_a_cheaper_plan_that_scores_higher_within_the_window() -> None:
+    """Scores in no order along the knob (as at deep cuts): the fitted plan (rank 50, at the budget)
+    scores 0.40, rank 47 scores 0.55, rank 44 scores 0.90 but is 12% under the budget, past the 8%
+    window. The scan scores the dearest plan at each of four levels 2% apart and takes rank 47."""
+    jagged = {50: 0.40, 49: 0.42, 48: 0.41, 47: 0.55, 46: 0.45, 45: 0.44, 44: 0.90}
+    scored: list[float] = []
+
+    def score(choices: dict) -> float:
+        scored.append(choices["layer"][1])
+        return jagged.get(int(choices["layer"][1]), 0.0)
+
+    def excess(choices: dict) -> float:  # relative to a budget of 50.5
+        return choices["layer"][1] / 50.5 - 1
+
+    best, value = best_cheaper_plan(_stepped_plan, 50.7, 1.0, excess=excess, score=score)
+    assert best == {"layer": ("svd", 47.0)} and value == 0.55
+    assert scored[0] == 50.0 and len(scored) == len(set(scored)) <= 5  # the fitted plan, then each level once
+    # the last level is 8% under the fitted plan (rank 45.96): its dearest plan, rank 45, is past it
+    assert min(scored) == 46.0
+
+    # a fitted plan that scores best, or ties, is kept
+    best, _ = best_cheaper_plan(_stepped_plan, 50.7, 1.0, excess=excess, score=lambda c: 1.0)
+    assert best == {"layer": ("svd", 50.0)}
+    # scores that rise with cost: nothing cheaper beats the fitted plan
+    best, _ = best_cheaper_plan(_stepped_plan, 50.7, 1.0, excess=excess, score=lambda c: c["layer"][1])
+    assert best == {"layer": ("svd", 50.0)}

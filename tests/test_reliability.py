@@ -206,16 +206,25 @@ def test_eval_fn_failures_are_recorded_and_the_search_says_when_all_failed(bad) 
         ranksearch.optimize(_mlp(), torch.randn(2, 16), target_flops=0.9, eval_fn=eval_fn, **FAST)
 
 
+def _calls_before_the_trials(model: nn.Module, inputs: torch.Tensor, **kwargs) -> int:
+    """How many times ``optimize`` calls ``eval_fn`` before its first trial: the original's score and the
+    plans scored under the fitted seeds (the same search run once more, with a constant score)."""
+    probe = ranksearch.optimize(model, inputs, eval_fn=lambda m: 1.0, **kwargs)
+    return 1 + probe.study.user_attrs["seed_scan_evaluations"]
+
+
 def test_search_continues_past_a_failing_trial() -> None:
     calls = {"n": 0}
+    model, inputs = _mlp(), torch.randn(2, 16)
+    first_trial = _calls_before_the_trials(model, inputs, target_flops=0.9, **FAST) + 1
 
     def eval_fn(m: nn.Module) -> float:
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == first_trial:
             raise RuntimeError("flaky evaluation")
         return 1.0
 
-    result = ranksearch.optimize(_mlp(), torch.randn(2, 16), target_flops=0.9, eval_fn=eval_fn, **FAST)
+    result = ranksearch.optimize(model, inputs, target_flops=0.9, eval_fn=eval_fn, **FAST)
     failed = [t for t in result.study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and "flaky evaluation" in failed[0].user_attrs["error"]
 
@@ -296,15 +305,16 @@ def test_interrupted_search_keeps_completed_trials_and_resumes(tmp_path) -> None
     model = _mlp().train()
     state = _state(model)
     calls = {"n": 0}
+    kwargs = dict(target_flops=0.9, storage=storage, study_name="resume", seed=0, show_progress_bar=False,
+                  latency_check_every=0, sensitivity=False)
+    third_trial = _calls_before_the_trials(model, torch.randn(2, 16), **{**kwargs, "storage": None}, n_trials=8) + 3
 
     def eval_fn(m: nn.Module) -> float:
         calls["n"] += 1
-        if calls["n"] == 4:  # Ctrl-C in the middle of the third evaluated trial
+        if calls["n"] == third_trial:  # Ctrl-C in the middle of the third evaluated trial
             raise KeyboardInterrupt
         return 1.0
 
-    kwargs = dict(target_flops=0.9, storage=storage, study_name="resume", seed=0, show_progress_bar=False,
-                  latency_check_every=0, sensitivity=False)
     with pytest.raises(KeyboardInterrupt):
         ranksearch.optimize(model, torch.randn(2, 16), eval_fn=eval_fn, n_trials=8, **kwargs)
     _assert_untouched(model, state, training=True)

@@ -88,8 +88,11 @@ def test_infeasible_trials_are_recorded_not_evaluated(digits_mlp) -> None:
     assert pruned, "some trials should break a 30% FLOP budget"
     for trial in pruned:
         assert trial.constraints["flops"] > 0 and "not evaluated" in trial.user_attrs["skipped"]
-    # the original is scored once, each complete trial once, the final answer once
-    assert len(calls) == len(complete) + 2
+    # the original is scored once, each complete trial once, the final answer once, and the plans
+    # scored under the fitted seeds once each
+    scanned = result.study.user_attrs["seed_scan_evaluations"]
+    assert scanned > 0
+    assert len(calls) == len(complete) + 2 + scanned
 
 
 def test_latency_target_is_met_when_measured_again() -> None:
@@ -261,7 +264,8 @@ def test_sensitivity_table_is_reused_for_another_target(digits_mlp) -> None:
     second = ranksearch.optimize(model, data.x_test[:16], target_flops=0.6, n_trials=10, seed=0,
                                  show_progress_bar=False, eval_fn=eval_fn, sensitivity=table)
     completed = [t for t in second.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(calls) == len(completed) + 2  # the original, the trials, the final answer: no per-layer scoring
+    # the original, the trials, the final answer, the plans scored under the fitted seeds: no per-layer scoring
+    assert len(calls) == len(completed) + 2 + second.study.user_attrs["seed_scan_evaluations"]
     assert any(t.user_attrs.get("seed", "").startswith("seed:sensitivity") for t in second.study.trials)
     assert second.sensitivity is table
 
@@ -925,7 +929,7 @@ def _first_plan_checked_slower(monkeypatch, model: nn.Module, x: torch.Tensor, f
 
 def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked(digits_mlp, monkeypatch) -> None:
     """After a first check 8% over its trial's timing (one slow moment), the next plans are expected
-    8% over theirs: the next two best, 2-4% under the target in their trials, 1-3% over the limit.
+    8% over theirs: the next two best at the budget, 2-4% under the target in their trials, 1-3% over the limit.
     They are checked (and the first passes) instead of skipped for a plan far under the target."""
     import ranksearch.final_checks
 
@@ -935,17 +939,19 @@ def test_a_plan_expected_within_the_checks_scatter_of_the_limit_is_still_checked
     result = ranksearch.optimize(model, x, **kwargs)
     ranked = ranksearch.study.best_feasible(result.study.trials[:10])
     limit = 0.7 * 1.03 * result.baseline.latency_ms
-    best, second, third = ranked[:3]
+    best = ranked[0]
     assert result.study.user_attrs["final_checks"][str(best.number)] > limit  # the best missed
-    for plan in (second, third):  # expected over the limit by less than the checks scatter
-        assert limit < plan.user_attrs["measured_latency_ms"] * 1.08 < limit * 1.05
-    assert result.plan.metadata["trial"] == second.number
+    # the next best at the budget in their trials (a seed cut under its fitted plan is far under it):
+    # expected over the limit by less than the checks scatter
+    near = [plan for plan in ranked[1:4] if limit < plan.user_attrs["measured_latency_ms"] * 1.08 < limit * 1.05]
+    assert len(near) >= 2 and near[0] is ranked[1]
+    assert result.plan.metadata["trial"] == near[0].number
 
     state.update(final=False, slow_flops=None)
     monkeypatch.setattr(ranksearch.final_checks, "_CHECK_SCATTER", 0.0)  # any expected miss skipped,
     monkeypatch.setattr(ranksearch.final_checks, "_CHECKS_BEFORE_SKIPPING", 1)  # after the first check
     skipping = ranksearch.optimize(model, x, **kwargs)
-    assert skipping.plan.metadata["trial"] not in (second.number, third.number)
+    assert skipping.plan.metadata["trial"] not in {plan.number for plan in near}
     assert set(skipping.study.user_attrs["final_checks"]) == {str(best.number), str(skipping.plan.metadata["trial"])}
     assert skipping.final.score <= result.final.score
 

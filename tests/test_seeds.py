@@ -313,3 +313,43 @@ def test_of_the_uniform_seeds_only_the_best_family_on_the_prediction_is_fitted_o
     counted = ranksearch.optimize(model, images[:8], target_flops=0.6, **kwargs)
     assert len(rankings) == 1  # no timings to save: no shortlist
     assert len(uniform_seeds(counted)) >= 3
+
+
+def test_a_cheaper_plan_of_a_fitted_knob_that_scores_higher_is_queued_after_its_fitted_seed(trained) -> None:
+    """Each budget-fitted seed (energy threshold, uniform ratio per family) is followed by the knob's
+    plan a little cheaper that scored above it, if one did: with a score that rewards cheaper plans,
+    every fitted seed whose knob has a plan up to 8% under it gets one; with one that rewards dearer
+    plans, none does. Either way the plans scored to find out are counted on the study."""
+    from ranksearch.cost import count_flops
+    from ranksearch.warmstart import SCAN_SUFFIX
+
+    model, images, _ = trained
+    x = images[:8]
+    base = count_flops(model, x)
+
+    def search(cheaper_is_better: bool):
+        def eval_fn(m: nn.Module) -> float:
+            ratio = count_flops(m, x) / base
+            return 1 - ratio if cheaper_is_better else ratio
+        return ranksearch.optimize(model, x, target_flops=0.5, n_trials=12, seed=0, show_progress_bar=False,
+                                   sensitivity=False, eval_fn=eval_fn)
+
+    result = search(cheaper_is_better=True)
+    seeds = {t.user_attrs["seed"]: t for t in result.study.trials if "seed" in t.user_attrs}
+    fitted = [origin for origin in seeds if origin.endswith("-fit")]
+    assert "seed:energy-fit" in fitted and len(fitted) >= 2
+    budget = 0.5 * base
+    order = list(seeds)
+    scanned = [origin for origin in fitted if origin + SCAN_SUFFIX in seeds]
+    assert "seed:energy-fit" in scanned and len(scanned) >= 2
+    for origin in scanned:
+        scan = seeds[origin + SCAN_SUFFIX]
+        assert order.index(origin + SCAN_SUFFIX) == order.index(origin) + 1
+        assert scan.values[0] > seeds[origin].values[0]
+        assert seeds[origin].user_attrs["flops"] - 0.08 * budget <= scan.user_attrs["flops"] \
+            < seeds[origin].user_attrs["flops"]
+    assert result.study.user_attrs["seed_scan_evaluations"] >= len(fitted) + len(scanned)
+
+    dearer = search(cheaper_is_better=False)
+    assert not [t for t in dearer.study.trials if t.user_attrs.get("seed", "").endswith(SCAN_SUFFIX)]
+    assert dearer.study.user_attrs["seed_scan_evaluations"] > len(fitted)  # cheaper plans scored, none kept
