@@ -8,7 +8,8 @@ How a search runs:
    A budget no plan of the space can meet fails here: a FLOP or parameter budget by arithmetic, a
    latency target when the space's fastest plan, timed alternately with the original, is well over it.
 3. Heuristic plans (VBMF, energy thresholds) and plans fitted to the budget (one knob each, tuned
-   on predicted and then measured latency) are enqueued as the first trials.
+   on predicted and then measured latency; each followed by the knob's plan a little cheaper that
+   scores above it, if one does) are enqueued as the first trials.
 4. After the seeds, each trial is a neighbour of the best feasible plan so far (a local move:
    ``ranksearch.neighbours``); while no plan is feasible, the sampler proposes, per layer, ``keep``
    or a method and a *cost fraction* (the share of the layer's FLOPs its replacement may cost,
