@@ -206,3 +206,33 @@ def test_cuts_bench_cuts_an_answer_three_ways_and_counts_the_best() -> None:
     assert any("evaluations" in text.split(" | ")[-1] for text, scores in rows if "scored" in scores)
     assert _wins([{"shared factor": 0.5, "table": 0.7, "scored": 0.7}, {"shared factor": 0.9, "scored": 0.8}, {}]) \
         == "shared factor 1, table 1, scored 1"
+
+
+def test_knob_scan_bench_fits_each_knob_and_reports_every_scan_setting() -> None:
+    """bench_knob_scan.py on a toy: each knob fitted to a FLOP budget, the scan's pick at every window
+    and level count within the window and never dearer than the fitted plan, and a report whose
+    summary counts each setting's picks."""
+    from types import SimpleNamespace
+
+    from bench_knob_scan import CONFIGS, report, scan
+
+    torch.manual_seed(0)
+    model, x = SmallCNN().eval(), small_cnn_inputs(4)
+    labels = torch.arange(len(x)) % 10
+
+    def accuracy(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x).argmax(1) == labels).float().mean())
+
+    task = SimpleNamespace(name="toy", model=model, inputs={"batch 1": x}, val_score=accuracy,
+                           test_scores=lambda m: SimpleNamespace(headline=accuracy(m)))
+    rows = scan(task, "convnet", ("tucker2",), (0.5, 0.3))
+    assert {row["knob"] for row in rows} == {"energy", "uniform-tucker2"} and len(rows) == 4
+    for row in rows:
+        assert row["fitted_excess"] <= 0 and set(row["picks"]) == set(CONFIGS)
+        for (window, _), (moved, (val, _), at) in row["picks"].items():
+            assert row["fitted_excess"] - window <= at <= row["fitted_excess"]
+            assert (val > row["fitted"][0]) if moved else at == row["fitted_excess"]
+    text = report(rows)
+    assert text.count("| toy |") == len(rows)
+    assert all(f"| {window:g}, {levels} | " in text for window, levels in CONFIGS)
