@@ -8,15 +8,15 @@ fitted plan where it scores above it (``ranksearch.fitting.best_cheaper_plan``, 
 by validation alone could be picking noise. This script measures that on the benchmark's real
 models (``models.py``), with no timing noise:
 
-* budgets: FLOP ratios to the original (counted analytically, as a FLOP budget is), from shallow to
-  deep cuts; knobs: the energy threshold and the uniform cost fraction of each family the benchmark's
+* budgets: ratios to the candidate layers' FLOPs (counted analytically, as a FLOP budget is), from
+  shallow to deep cuts; knobs: the energy threshold and the uniform cost fraction of each family the benchmark's
   rows use (Tucker-2 and spatial on the CNN, SVD on MiniLM);
 * the fitted plan: the knob bisected to the budget (``ranksearch.fitting.boundary``);
 * rows: for each window and level count, the plan ``best_cheaper_plan`` picks (by validation), with
   its validation and test scores beside the fitted plan's; the summary counts the picks that moved
   off the fitted plan and how their test scores moved.
 
-Writes benchmarks/results/knob_scan.md and prints it. About five minutes on 2 cores.
+Writes benchmarks/results/knob_scan.md and prints it. About seven minutes on 2 cores.
 
     python benchmarks/bench_knob_scan.py
 """
@@ -46,7 +46,7 @@ from compare import benchmark_space  # noqa: E402
 from models import Task, cnn_task, minilm_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "knob_scan.md"
-#: (model, space, uniform families, FLOP budgets as ratios to the original)
+#: (model, space, uniform families, FLOP budgets as ratios to the candidate layers' FLOPs)
 SETTINGS = (("cnn", "convnet", ("tucker2", "spatial"), (0.6, 0.45, 0.3, 0.2, 0.15, 0.1)),
             ("minilm", "transformer", ("svd",), (0.7, 0.5, 0.35)))
 QUICK = (("cnn", "convnet", ("tucker2",), (0.3, 0.15)),)
