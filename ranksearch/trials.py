@@ -61,6 +61,11 @@ _BESIDE_ORIGINAL_S = 0.4
 EvalFn = Callable[[nn.Module], float]
 
 
+def _plan_key(plan: CompressionPlan) -> str:
+    """The key of a plan's replaced layers, as ``measured_latency`` caches them."""
+    return choices_key({c.name: (c.method, c.rank) for c in plan.replaced})
+
+
 def _param_names(name: str) -> tuple[str, str]:
     return f"{name}.method", f"{name}.cost_fraction"
 
@@ -99,6 +104,8 @@ class TrialRunner:
         self.evaluated = 0  # trials scored
         self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
         self.scan_evaluations = 0  # plans scored outside trials by best_cheaper_plan
+        # their scores and top-1 agreements by plan key, for the seed trials of the same plans to reuse
+        self._scanned: dict[str, tuple[float, float | None]] = {}
         self._measured: dict[str, float] = {}  # plan key -> measured latency, ms
         self._second_looks: set[str] = set()  # plan keys timed again by second_look
         # the original's timings (when, ms), for drift() and timing_noise()
@@ -284,7 +291,7 @@ class TrialRunner:
         their predictions; a trial expects the predictor's prediction, calibrated by every
         measurement so far (its recent error sets :meth:`prune_margin`, typically 10%).
         """
-        key = choices_key({c.name: (c.method, c.rank) for c in plan.replaced})
+        key = _plan_key(plan)
         if key not in self._measured:
             if model is None:
                 model = self.workbench.apply(plan)
@@ -333,7 +340,7 @@ class TrialRunner:
         """``plan``'s latency timed twice more beside the original, the median of those and its first
         measurement (once per plan: later calls return it). For a timing that decides alone what
         a single timing should not (a fit left with no plan); the predictor's record is revised."""
-        key = choices_key({c.name: (c.method, c.rank) for c in plan.replaced})
+        key = _plan_key(plan)
         first = self.measured_latency(plan)
         if key not in self._second_looks:
             model = self.workbench.apply(plan)
@@ -500,7 +507,9 @@ class TrialRunner:
 
         def score(choices: Choices) -> float:
             self.scan_evaluations += 1
-            return self.score_choices(choices)
+            plan = self.make_plan(choices, "scored")
+            self._scanned[_plan_key(plan)] = scored = self._evaluate(self.workbench.apply(plan))
+            return scored[0]
 
         best, _ = best_cheaper_plan(make, knob, cheap, excess=excess, score=score)
         return best
@@ -602,7 +611,14 @@ class TrialRunner:
             trial.set_constraint(key, value)
 
         t2 = time.perf_counter()
-        score = self.score(model, trial)
+        scanned = self._scanned.pop(_plan_key(plan), None)
+        if scanned is None:
+            score = self.score(model, trial)
+        else:  # scored by the scan under its fitted seed a moment ago: not scored again
+            score, top1 = scanned
+            trial.set_user_attr("score_from_scan", True)
+            if top1 is not None:
+                trial.set_user_attr("top1_agreement", top1)
         trial.set_user_attr("time_eval_s", time.perf_counter() - t2)
         self.evaluated += 1
         cost = latency if latency is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
@@ -654,10 +670,15 @@ class TrialRunner:
         return self.score(self.workbench.apply(self.make_plan(choices, "scored")))
 
     def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
+        value, top1 = self._evaluate(model)
+        if trial is not None and top1 is not None:
+            trial.set_user_attr("top1_agreement", top1)
+        return value
+
+    def _evaluate(self, model: nn.Module) -> tuple[float, float | None]:
+        """``(score, top-1 agreement)``: ``eval_fn``'s score (no agreement), or output fidelity's."""
         if self.eval_fn is not None:
-            return checked_score(self.eval_fn, model)
+            return checked_score(self.eval_fn, model), None
         assert self.scorer is not None
         fidelity = self.scorer(model)
-        if trial is not None and fidelity.top1_agreement is not None:
-            trial.set_user_attr("top1_agreement", fidelity.top1_agreement)
-        return fidelity.score
+        return fidelity.score, fidelity.top1_agreement

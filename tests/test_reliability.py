@@ -216,7 +216,9 @@ def _calls_before_the_trials(model: nn.Module, inputs: torch.Tensor, **kwargs) -
 def test_search_continues_past_a_failing_trial() -> None:
     calls = {"n": 0}
     model, inputs = _mlp(), torch.randn(2, 16)
-    first_trial = _calls_before_the_trials(model, inputs, target_flops=0.9, **FAST) + 1
+    # enough trials that some score a plan the seeds' scans did not (their trials take the scan's scores)
+    kwargs = {**FAST, "n_trials": 10}
+    first_trial = _calls_before_the_trials(model, inputs, target_flops=0.9, **kwargs) + 1
 
     def eval_fn(m: nn.Module) -> float:
         calls["n"] += 1
@@ -224,7 +226,7 @@ def test_search_continues_past_a_failing_trial() -> None:
             raise RuntimeError("flaky evaluation")
         return 1.0
 
-    result = ranksearch.optimize(model, inputs, target_flops=0.9, eval_fn=eval_fn, **FAST)
+    result = ranksearch.optimize(model, inputs, target_flops=0.9, eval_fn=eval_fn, **kwargs)
     failed = [t for t in result.study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and "flaky evaluation" in failed[0].user_attrs["error"]
 
@@ -311,7 +313,7 @@ def test_interrupted_search_keeps_completed_trials_and_resumes(tmp_path) -> None
 
     def eval_fn(m: nn.Module) -> float:
         calls["n"] += 1
-        if calls["n"] == third_trial:  # Ctrl-C in the middle of the third evaluated trial
+        if calls["n"] == third_trial:  # Ctrl-C in the middle of the third trial that calls eval_fn
             raise KeyboardInterrupt
         return 1.0
 

@@ -89,10 +89,11 @@ def test_infeasible_trials_are_recorded_not_evaluated(digits_mlp) -> None:
     for trial in pruned:
         assert trial.constraints["flops"] > 0 and "not evaluated" in trial.user_attrs["skipped"]
     # the original is scored once, each complete trial once, the final answer once, and the plans
-    # scored under the fitted seeds once each
+    # scored under the fitted seeds once each: the seed trials of those plans take the scan's scores
     scanned = result.study.user_attrs["seed_scan_evaluations"]
-    assert scanned > 0
-    assert len(calls) == len(complete) + 2 + scanned
+    reused = [t for t in complete if t.user_attrs.get("score_from_scan")]
+    assert scanned > 0 and reused and all("-fit" in t.user_attrs["seed"] for t in reused)
+    assert len(calls) == len(complete) + 2 + scanned - len(reused)
 
 
 def test_latency_target_is_met_when_measured_again() -> None:
@@ -264,8 +265,10 @@ def test_sensitivity_table_is_reused_for_another_target(digits_mlp) -> None:
     second = ranksearch.optimize(model, data.x_test[:16], target_flops=0.6, n_trials=10, seed=0,
                                  show_progress_bar=False, eval_fn=eval_fn, sensitivity=table)
     completed = [t for t in second.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    # the original, the trials, the final answer, the plans scored under the fitted seeds: no per-layer scoring
-    assert len(calls) == len(completed) + 2 + second.study.user_attrs["seed_scan_evaluations"]
+    # the original, the trials, the final answer, the plans scored under the fitted seeds (not again in
+    # their own trials): no per-layer scoring
+    reused = sum(bool(t.user_attrs.get("score_from_scan")) for t in completed)
+    assert len(calls) == len(completed) + 2 + second.study.user_attrs["seed_scan_evaluations"] - reused
     assert any(t.user_attrs.get("seed", "").startswith("seed:sensitivity") for t in second.study.trials)
     assert second.sensitivity is table
 
