@@ -611,14 +611,13 @@ class TrialRunner:
             trial.set_constraint(key, value)
 
         t2 = time.perf_counter()
+        # a plan the scan under its fitted seed scored a moment ago is not scored again
         scanned = self._scanned.pop(_plan_key(plan), None)
-        if scanned is None:
-            score = self.score(model, trial)
-        else:  # scored by the scan under its fitted seed a moment ago: not scored again
-            score, top1 = scanned
+        score, top1 = scanned if scanned is not None else self._evaluate(model)
+        if scanned is not None:
             trial.set_user_attr("score_from_scan", True)
-            if top1 is not None:
-                trial.set_user_attr("top1_agreement", top1)
+        if top1 is not None:
+            trial.set_user_attr("top1_agreement", top1)
         trial.set_user_attr("time_eval_s", time.perf_counter() - t2)
         self.evaluated += 1
         cost = latency if latency is not None else (flops if self.targets.flops is not None or self.targets.params is None else params)
