@@ -5,6 +5,7 @@ Public API::
     ranksearch.methods()                          # registered decomposition methods
     ranksearch.decompose(layer, "svd", 8)         # one layer's replacement
     ranksearch.apply_plan(model, plan)            # a compressed copy of a model
+    ranksearch.recalibrate_batchnorm(model, data) # BatchNorm statistics re-estimated
     ranksearch.CompressionPlan                    # the plan: plain, versioned JSON
     ranksearch.seed_plans(model, inputs)          # VBMF / energy-threshold plans
     ranksearch.optimize(model, inputs, target_latency_ms=...)   # the search
@@ -26,6 +27,7 @@ from .exceptions import __all__ as _exception_names  # noqa: E402
 from .layers import LayerSpec, capture_layer_specs  # noqa: E402
 from .plan import CompressionPlan, LayerChoice, model_fingerprint  # noqa: E402
 from .rebuild import apply_plan  # noqa: E402
+from .batchnorm import recalibrate_batchnorm  # noqa: E402
 from . import rank  # noqa: E402
 from .seeds import seed_plans  # noqa: E402
 from .space import SearchSpace, list_spaces, load_space  # noqa: E402
@@ -58,6 +60,7 @@ __all__ = [
     "methods",
     "model_fingerprint",
     "optimize",
+    "recalibrate_batchnorm",
     "rank",
     "seed_plans",
     *_exception_names,

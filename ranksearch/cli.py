@@ -150,9 +150,19 @@ def _add_inputs(parser: argparse.ArgumentParser, *, calibration: bool = True) ->
                             "(read weights-only)")
     if calibration:
         group.add_argument("--calib-data", metavar="FILE",
-                           help="batches the built-in output fidelity is measured on: a list of tensors (or of "
-                                "tuples of tensors) saved with torch.save; default: the example inputs plus "
-                                "noisy copies")
+                           help="batches of real inputs: a list of tensors (or of tuples of tensors) saved with "
+                                "torch.save. The built-in output fidelity is measured on them (default: the example "
+                                "inputs plus noisy copies), and with 32 items or more BatchNorm statistics are "
+                                "re-estimated on them (see --batchnorm-recalibration)")
+        group.add_argument("--batchnorm-recalibration", choices=("auto", "on", "off"), default="auto",
+                           help="re-estimate the statistics of the BatchNorm layers after each plan's first "
+                                "decomposed layer on --calib-data before scoring it (no training; most of what a deep "
+                                "cut costs a CNN comes back). auto (default): with 32 or more calibration items")
+    else:
+        group.add_argument("--calib-data", metavar="FILE",
+                           help="the calibration batches the plan's search had (a list of tensors saved with "
+                                "torch.save): a plan that records re-estimated BatchNorm statistics re-estimates "
+                                "them on these; without them its model keeps the original's statistics")
 
 
 def _add_search(parser: argparse.ArgumentParser, *, storage_required: bool) -> None:
@@ -388,6 +398,7 @@ def _run_optimize(args: argparse.Namespace) -> tuple[Any, Any]:
             timeout=args.timeout, search_space=space, storage=storage, study_name=args.study_name,
             device=args.device, seed=args.seed, threads=args.threads, latency_clock=args.latency_clock,
             show_progress_bar=not args.no_progress, finetune_fn=finetune_fn, timing_process=args.timing_process,
+            recalibrate_batchnorm={"auto": None, "on": True, "off": False}[args.batchnorm_recalibration],
             **({} if args.finetune_candidates is None else {"finetune_candidates": args.finetune_candidates}),
         )
     except InvalidInputsError as exc:
@@ -466,7 +477,8 @@ def _write_spares(result: Any, out: Path) -> list[Path]:
         plan.metadata = {"headroom_spare_for": spare.spare_for, "trial": spare.trial,
                          "study": result.plan.metadata.get("study"), "targets": result.targets,
                          "latency_ms_in_its_trial": spare.trial_latency_ms,
-                         "score": spare.score, "fine_tuned": False}
+                         "score": spare.score, "fine_tuned": False,
+                         **{k: v for k, v in spare.plan.metadata.items() if k == "batchnorm_recalibration"}}
         paths.append(plan.save(out / f"spare_plan_{number}.json"))
     return paths
 
@@ -481,7 +493,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .model_io import export_program, load_model, save_compressed
+    from .model_io import export_program, load_calibration, load_model, save_compressed
     from .plan import CompressionPlan
     from .rebuild import apply_plan
 
@@ -491,7 +503,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         raise _UsageError("a .pt2 export program needs example inputs: --input-shape or --inputs")
     plan = CompressionPlan.load(args.plan)
     model = load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file)
-    compressed = apply_plan(model, plan).eval()
+    calib = load_calibration(args.calib_data) if args.calib_data else None
+    if calib is None and plan.metadata.get("batchnorm_recalibration"):
+        print("warning: this plan's search re-estimated BatchNorm statistics on its calibration data; pass the same "
+              "--calib-data to rebuild the same model (without it, the original's statistics are kept)", file=sys.stderr)
+    with warnings.catch_warnings():  # said above, in the command line's words
+        warnings.simplefilter("ignore", UserWarning)
+        compressed = apply_plan(model, plan, calib_data=calib).eval()
     if out.suffix == ".pt2":
         path = export_program(compressed, _example_inputs(args, model), out)
     else:

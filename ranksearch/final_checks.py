@@ -24,7 +24,6 @@ from .finetune import FineTuneFn, pick_after_finetune
 from .fitting import choices_key
 from .neighbours import tightened_choices, tried_plans
 from .plan import KEEP, CompressionPlan
-from .rebuild import apply_plan
 from .result import ModelStats, SearchResult
 from .scored_cut import scored_cut
 from .sensitivity import SENSITIVITY_SEEDS, SensitivityTable
@@ -318,6 +317,12 @@ def _result(
     plan.metadata.update({"targets": targets.as_dict(), "trial": trial.number, "study": study.study_name,
                           "baseline": baseline.to_dict(), "final": final.to_dict(),
                           "layer_specs": [c.spec.to_dict() for c in search.candidates]})
+    pareto = pareto_points(study, search.fingerprint)
+    if search.recalibration is not None:  # what apply_plan(model, plan, calib_data=...) re-estimates
+        for recorded in [plan, *(point.plan for point in pareto), *(r.plan for r in records or [])]:
+            layers = search.recalibration.layers_after(c.name for c in recorded.replaced)
+            if layers:
+                recorded.metadata["batchnorm_recalibration"] = search.recalibration.record(layers)
     if records is not None:
         plan.metadata["fine_tune"] = {"chosen_trial": trial.number, "fine_tuned": kept_fine_tune,
                                       "candidates": [r.to_dict() for r in records]}
@@ -325,7 +330,7 @@ def _result(
         plan.metadata["latency_prediction_error"] = search.predictor.error_summary()
     return SearchResult(
         model=model, plan=plan, study=study, baseline=baseline, final=final,
-        pareto=pareto_points(study, search.fingerprint), targets=targets.as_dict(),
+        pareto=pareto, targets=targets.as_dict(),
         prediction_error=search.predictor.error_summary() if search.predictor is not None else None,
         message=message, fine_tuned=records,
     )
@@ -394,13 +399,12 @@ def pick_answer(
             repairs += 1
             for repaired in _repair(study, search, trial, measured_ms, sensitivity):
                 if repaired.values is None:  # ruled out by its own trial timing: score it to place it
-                    unmeasured[repaired.number] = search.score(
-                        apply_plan(search.reference, plan_of(repaired, search.fingerprint)).eval())
+                    unmeasured[repaired.number] = search.score(search.build(plan_of(repaired, search.fingerprint)))
                 queue.insert(_place_by_score(queue, score_of(repaired), score_of), repaired)
 
     def check(trial: optuna.trial.FrozenTrial) -> float:
         plan = plan_of(trial, search.fingerprint)
-        model = apply_plan(search.reference, plan).eval()
+        model = search.build(plan)
         measured_ms, spread = search.verified_latency(model, limit_ms=limit)
         in_trial = trial.user_attrs.get("measured_latency_ms")
         timing_log.debug("final check of trial %d (%s): %.3f ms (spread %.2f); its trial timed it at %s",

@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -454,7 +455,9 @@ def load_compressed(path: str | os.PathLike[str], *, factory: str | Callable[[],
     if not isinstance(bundle, Mapping) or bundle.get("format") != BUNDLE_FORMAT:
         raise ModelLoadError(f"{str(path)!r} is not a compressed model written by ranksearch")
     original = _call_factory(factory) if isinstance(factory, str) else factory()
-    model = apply_plan(original, CompressionPlan.from_dict(bundle["plan"]))
+    with warnings.catch_warnings():  # re-estimated BatchNorm statistics come with the saved state_dict
+        warnings.filterwarnings("ignore", message=".*re-estimated the statistics of BatchNorm", category=UserWarning)
+        model = apply_plan(original, CompressionPlan.from_dict(bundle["plan"]))
     try:
         model.load_state_dict(bundle["state_dict"])
     except RuntimeError as exc:

@@ -7,11 +7,14 @@ method applies, rank in bounds, weights finite) before any decomposition work st
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from .batchnorm import recalibrate_batchnorm
 from .decompose import get_method
 from .decompose.base import DecompositionMethod, Rank
 from .exceptions import InvalidWeightsError, PlanMismatchError, UnsupportedLayerError
@@ -69,7 +72,8 @@ def check_finite_weights(name: str, module: nn.Module) -> None:
         )
 
 
-def apply_plan(model: nn.Module, plan: CompressionPlan, *, load_weights: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: CompressionPlan, *, load_weights: bool = True,
+               calib_data: Iterable[Any] | None = None) -> nn.Module:
     """Return a copy of ``model`` with the plan's layers replaced; ``model`` is not modified.
 
     Args:
@@ -77,6 +81,10 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, load_weights: bool = 
         plan: the plan to apply.
         load_weights: if ``False``, build the structure only (no decomposition work, uninitialised
             weights): the model to ``load_state_dict`` a saved compressed model into.
+        calib_data: for a plan whose search re-estimated BatchNorm statistics
+            (``plan.metadata["batchnorm_recalibration"]``): the same calibration inputs, to re-estimate
+            the same layers (``ranksearch.batchnorm``). Without them such a plan's model keeps the
+            original's statistics, and scores lower, with a warning. Ignored for other plans.
 
     Raises:
         PlanMismatchError: if the plan was made for another model (naming the first mismatching
@@ -103,4 +111,16 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, load_weights: bool = 
             replacement = method.structure(spec, rank).to(device=target.weight.device, dtype=target.weight.dtype)
         replacement.train(target.training)
         replace_modules(new_model, target, replacement)
+    recalibration = plan.metadata.get("batchnorm_recalibration")
+    if recalibration and load_weights:
+        if calib_data is None:
+            warnings.warn(
+                "this plan's search re-estimated the statistics of BatchNorm layers on calibration data "
+                f"({len(recalibration['layers'])} BatchNorm layers); pass the same calib_data= to apply_plan to do the same "
+                "(without it the model keeps the original's statistics and scores lower)", stacklevel=2)
+        else:
+            modes = [(module, module.training) for module in new_model.modules()]
+            recalibrate_batchnorm(new_model, calib_data, recalibration["layers"])
+            for module, training in modes:  # the copy keeps the original's modes
+                module.training = training
     return new_model

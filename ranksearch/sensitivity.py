@@ -117,6 +117,9 @@ class SensitivityTable:
     fingerprint: str  # the model's digest, so a table is never applied to another model
     evaluations: int
     seconds: float
+    #: whether each plan's BatchNorm statistics were re-estimated before it was scored
+    #: (``ranksearch.batchnorm``): the losses mean something else without it
+    batchnorm_recalibrated: bool = False
 
 
 def measure_sensitivity(runner: TrialRunner, *, fractions: Sequence[float] = SENSITIVITY_FRACTIONS,
@@ -146,27 +149,31 @@ def measure_sensitivity(runner: TrialRunner, *, fractions: Sequence[float] = SEN
                 rank = runner.space.rank_for(cand.spec, method, runner.space.snap(fraction))
                 if rank is None or (method, rank) in scored:
                     continue
-                model = runner.workbench.apply(runner.make_plan({name: (method, rank)}, "sensitivity"))
+                plan = runner.make_plan({name: (method, rank)}, "sensitivity")
+                model = runner.workbench.apply(plan)
+                # as decomposed: before scoring re-estimates its BatchNorm statistics, if the search does
+                distorted = distortion(model).relative_error if distortion is not None else 0.0
                 if lossless:
                     drop = 0.0
                     lossless_after += 1
                 else:
                     try:
-                        score = runner.score(model)
+                        score = runner.score(model, plan=plan)
                     except Exception as exc:  # a failing evaluation just removes the option
                         log.debug("sensitivity of %s at %s %s failed: %s", name, method, rank, exc)
                         continue
                     evaluations += 1
                     drop = max(0.0, baseline - score) if baseline is not None else -score
                     lossless = baseline is not None and drop == 0.0
-                scored[(method, rank)] = (drop, distortion(model).relative_error if distortion is not None else 0.0)
+                scored[(method, rank)] = (drop, distorted)
         measured[name] = scored
     losses = _break_ties(measured)
     runner.workbench.apply(runner.make_plan({}, "sensitivity"))
     seconds = time.perf_counter() - started
     log.info("sensitivity: %d evaluations over %d layers in %.1f s (%d dearer ranks of a lossless one taken as "
              "lossless)", evaluations, len(losses), seconds, lossless_after)
-    return SensitivityTable(losses, runner.fingerprint["digest"], evaluations, seconds)
+    return SensitivityTable(losses, runner.fingerprint["digest"], evaluations, seconds,
+                            batchnorm_recalibrated=runner.recalibration is not None)
 
 
 def _output_distortion(runner: TrialRunner) -> FidelityScorer | None:

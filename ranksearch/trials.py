@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from torch import nn
 
+from .batchnorm import BatchNormRecalibration
 from .cost import LatencyPredictor, LatencyRatio
 from .exceptions import EvaluationError
 from .fitting import Choices, best_cheaper_plan, choices_key, fit_to_budget
 from .plan import KEEP, CompressionPlan, LayerChoice
 from .quality import FidelityScorer, checked_score
+from .rebuild import apply_plan
 from .result import ModelStats
 from .space import LayerCandidates, SearchSpace
 from .targets import Targets
@@ -80,6 +82,7 @@ class TrialRunner:
         fingerprint: dict[str, Any], latency_check_every: int,
         measure_round: Callable[[nn.Module], Any] | None = None,
         measure_pair: Callable[[nn.Module, nn.Module, float, int], LatencyRatio] | None = None,
+        recalibration: BatchNormRecalibration | None = None,
     ) -> None:
         self.reference = reference
         self.inputs = inputs
@@ -101,6 +104,8 @@ class TrialRunner:
         self.fingerprint = fingerprint
         self.latency_check_every = latency_check_every
         self.workbench = ModelWorkbench(reference, [c.spec for c in self.searchable])
+        # re-estimates BatchNorm statistics of each plan's model before it is scored (ranksearch.batchnorm)
+        self.recalibration = recalibration
         self.evaluated = 0  # trials scored
         self.rebuilt = 0  # trials built (scored or pruned on their measured latency)
         self.scan_evaluations = 0  # plans scored outside trials by best_cheaper_plan
@@ -508,7 +513,7 @@ class TrialRunner:
         def score(choices: Choices) -> float:
             self.scan_evaluations += 1
             plan = self.make_plan(choices, "scored")
-            self._scanned[_plan_key(plan)] = scored = self._evaluate(self.workbench.apply(plan))
+            self._scanned[_plan_key(plan)] = scored = self._evaluate(self.workbench.apply(plan), plan)
             return scored[0]
 
         best, _ = best_cheaper_plan(make, knob, cheap, excess=excess, score=score)
@@ -526,7 +531,8 @@ class TrialRunner:
             if choices is None:
                 continue
             try:
-                scores[name] = self.score(self.workbench.apply(self.make_plan(choices, "shortlist")))
+                plan = self.make_plan(choices, "shortlist")
+                scores[name] = self.score(self.workbench.apply(plan), plan=plan)
             except Exception as exc:  # a failing evaluation just puts the plan last
                 log.debug("shortlist: %s scored no value: %s", name, exc)
         ranked = sorted(plans, key=lambda name: -scores[name])
@@ -613,7 +619,7 @@ class TrialRunner:
         t2 = time.perf_counter()
         # a plan the scan under its fitted seed scored a moment ago is not scored again
         scanned = self._scanned.pop(_plan_key(plan), None)
-        score, top1 = scanned if scanned is not None else self._evaluate(model)
+        score, top1 = scanned if scanned is not None else self._evaluate(model, plan)
         if scanned is not None:
             trial.set_user_attr("score_from_scan", True)
         if top1 is not None:
@@ -666,16 +672,30 @@ class TrialRunner:
 
     def score_choices(self, choices: Choices) -> float:
         """A plan's score, built and evaluated outside any trial (no timing, nothing recorded)."""
-        return self.score(self.workbench.apply(self.make_plan(choices, "scored")))
+        plan = self.make_plan(choices, "scored")
+        return self.score(self.workbench.apply(plan), plan=plan)
 
-    def score(self, model: nn.Module, trial: optuna.Trial | None = None) -> float:
-        value, top1 = self._evaluate(model)
+    def score(self, model: nn.Module, trial: optuna.Trial | None = None, *, plan: CompressionPlan | None = None) -> float:
+        """``model``'s score; with ``plan`` (the plan ``model`` was built from, as it comes from the
+        workbench), its BatchNorm statistics are re-estimated first, where the search does that."""
+        value, top1 = self._evaluate(model, plan)
         if trial is not None and top1 is not None:
             trial.set_user_attr("top1_agreement", top1)
         return value
 
-    def _evaluate(self, model: nn.Module) -> tuple[float, float | None]:
-        """``(score, top-1 agreement)``: ``eval_fn``'s score (no agreement), or output fidelity's."""
+    def build(self, plan: CompressionPlan) -> nn.Module:
+        """A fresh model of ``plan`` (its own copy, in eval mode), as the search scores it and returns it:
+        BatchNorm statistics re-estimated where the search does that."""
+        model = apply_plan(self.reference, plan).eval()
+        if self.recalibration is not None:
+            self.recalibration(model, [c.name for c in plan.replaced])
+        return model
+
+    def _evaluate(self, model: nn.Module, plan: CompressionPlan | None) -> tuple[float, float | None]:
+        """``(score, top-1 agreement)``: ``eval_fn``'s score (no agreement), or output fidelity's.
+        With ``plan``: BatchNorm statistics re-estimated first (``self.recalibration``)."""
+        if plan is not None and self.recalibration is not None:
+            self.recalibration(model, [c.name for c in plan.replaced])
         if self.eval_fn is not None:
             return checked_score(self.eval_fn, model), None
         assert self.scorer is not None

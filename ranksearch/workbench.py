@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .batchnorm import tracked_batchnorms
 from .decompose import get_method
 from .decompose.base import LayerCost, Rank
 from .layers import LayerSpec
@@ -49,6 +50,9 @@ class ModelWorkbench:
         self._cache: OrderedDict[tuple[str, str, Rank], nn.Module] = OrderedDict()
         self._cache_size = cache_size
         self._checked: set[str] = set()
+        # the reference's BatchNorm statistics, given back to the working copy with every plan: a
+        # search may re-estimate them for the plan scored before (ranksearch.batchnorm)
+        self._batchnorm_pairs = [(bn, reference.get_submodule(name)) for name, bn in tracked_batchnorms(self.model).items()]
 
     def replacement(self, name: str, method: str, rank: Rank) -> nn.Module:
         """The replacement of layer ``name``, built once and then reused."""
@@ -67,7 +71,12 @@ class ModelWorkbench:
         return module
 
     def apply(self, plan: CompressionPlan) -> nn.Module:
-        """Make the working copy match ``plan`` (other layers back to the original) and return it."""
+        """Make the working copy match ``plan`` (other layers back to the original, BatchNorm
+        statistics the reference's) and return it."""
+        with torch.no_grad():
+            for bn, reference_bn in self._batchnorm_pairs:
+                for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                    getattr(bn, buffer).copy_(getattr(reference_bn, buffer))
         wanted = dict(self._original)
         for choice in plan.replaced:
             wanted[choice.name] = self.replacement(choice.name, choice.method, choice.rank)  # type: ignore[arg-type]

@@ -48,3 +48,26 @@ def distill(model: nn.Module) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def bn_cnn() -> nn.Module:
+    """A seeded conv net with batch norm (1x8x8 -> 10) whose statistics are those of the inputs of
+    :func:`bn_cnn_calib`'s kind: what BatchNorm re-estimation needs to be tested on the command line."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.train()
+    with torch.no_grad():  # running statistics of this kind of input
+        for _ in range(5):
+            model(torch.randn(64, 1, 8, 8, generator=generator))
+    return model.eval()
+
+
+def bn_cnn_calib() -> list[torch.Tensor]:
+    """Calibration batches for :func:`bn_cnn`: 128 inputs in two batches."""
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(64, 1, 8, 8, generator=generator) for _ in range(2)]

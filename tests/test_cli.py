@@ -370,3 +370,37 @@ def test_timing_process_flag_reaches_the_search(monkeypatch: pytest.MonkeyPatch,
     for flags, expected in (([], False), (["--timing-process"], True)):
         code, _, err = _main([*base, *flags], capsys)
         assert code != 0 and "stopped before the search" in err and seen["timing_process"] is expected
+
+
+def test_batchnorm_statistics_re_estimated_in_the_search_are_re_estimated_by_apply(tmp_path, capsys) -> None:
+    """'ranksearch optimize --calib-data' re-estimates BatchNorm statistics and records it in the plan;
+    'ranksearch apply' with the same --calib-data rebuilds the saved model, and warns without it."""
+    calib = tmp_path / "calib.pt"
+    torch.save(cli_factory.bn_cnn_calib(), calib)
+    out = tmp_path / "out"
+    common = ["tests.cli_factory:bn_cnn", "--input-shape", "2,1,8,8", "--target-flops", "0.4", "--trials", "4",
+              "--search-space", "convnet", "--no-progress", "--threads", "1", "--calib-data", str(calib)]
+    code, _, err = _main(["optimize", *common, "--out", str(out), "--no-export"], capsys)
+    assert code == 0, err
+    recorded = CompressionPlan.load(out / "plan.json").metadata["batchnorm_recalibration"]
+    assert recorded["calibration_items"] == 128 and recorded["layers"]
+    saved = load_compressed(out / "compressed.pt", factory="tests.cli_factory:bn_cnn").state_dict()
+
+    code, _, err = _main(["apply", str(out / "plan.json"), "tests.cli_factory:bn_cnn", "--calib-data", str(calib),
+                          "--out", str(tmp_path / "again.pt")], capsys)
+    assert code == 0, err
+    again = load_compressed(tmp_path / "again.pt", factory="tests.cli_factory:bn_cnn").state_dict()
+    assert all(torch.equal(value, again[name]) for name, value in saved.items())
+
+    code, _, err = _main(["apply", str(out / "plan.json"), "tests.cli_factory:bn_cnn",
+                          "--out", str(tmp_path / "bare.pt")], capsys)
+    assert code == 0 and "pass the same --calib-data" in err
+    bare = load_compressed(tmp_path / "bare.pt", factory="tests.cli_factory:bn_cnn").state_dict()
+    original = cli_factory.bn_cnn().state_dict()
+    name = f"{recorded['layers'][0]}.running_mean"
+    assert torch.equal(bare[name], original[name]) and not torch.equal(saved[name], original[name])
+
+    code, _, err = _main(["optimize", *common, "--out", str(tmp_path / "off"), "--no-export",
+                          "--batchnorm-recalibration", "off"], capsys)
+    assert code == 0, err
+    assert "batchnorm_recalibration" not in CompressionPlan.load(tmp_path / "off" / "plan.json").metadata
