@@ -74,7 +74,7 @@ def search_and_runner(task: Task, space: ranksearch.SearchSpace, batch: str, tar
             ranksearch.optimize(task.model, task.inputs[batch], **{
                 **dict(target_latency_ratio=target, eval_fn=task.val_score, n_trials=trials, search_space=space,
                        seed=0, threads=1, latency_clock="cpu", show_progress_bar=False, sensitivity=table,
-                       latency_tolerance=SEARCH_TOLERANCE), **overrides})
+                       latency_tolerance=SEARCH_TOLERANCE, calib_data=task.calib_data), **overrides})
     except ranksearch.TargetUnreachableError:
         return None
     return seen or None

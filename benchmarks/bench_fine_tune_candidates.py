@@ -41,6 +41,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")  # fvcore's im
 
 import ranksearch  # noqa: E402
 from ranksearch import final_checks  # noqa: E402
+from ranksearch.batchnorm import BatchNormRecalibration  # noqa: E402
 from ranksearch.study import plan_of  # noqa: E402
 from ranksearch.warmstart import ENERGY_FIT_SEED, is_uniform_fit  # noqa: E402
 
@@ -71,14 +72,20 @@ def fine_tune_every_plan(task: Task, space: ranksearch.SearchSpace, batch: str, 
     result = ranksearch.optimize(
         task.model, task.inputs[batch], target_latency_ratio=target, eval_fn=task.val_score, n_trials=trials,
         search_space=space, seed=0, threads=1, latency_clock="cpu", show_progress_bar=False, sensitivity=table,
-        latency_tolerance=SEARCH_TOLERANCE, timing_process=True)
+        latency_tolerance=SEARCH_TOLERANCE, timing_process=True, calib_data=task.calib_data)
+    # each plan as the search scored it: BatchNorm statistics re-estimated where the search did that
+    recalibration = (BatchNormRecalibration(task.model, task.inputs[batch], task.calib_data)
+                     if "batchnorm_recalibration" in result.plan.metadata else None)
     limit_ms = result.baseline.latency_ms * target * (1 + SEARCH_TOLERANCE)
     by_number = {t.number: t for t in result.study.trials}
     plans = [t for t in final_checks._distinct_plans(final_checks.best_feasible(result.study.trials))
              if t.user_attrs.get("measured_latency_ms", float("inf")) <= limit_ms]
     tuned = []
     for trial in plans:
-        model = ranksearch.apply_plan(task.model, plan_of(trial, result.plan.fingerprint)).eval()
+        plan = plan_of(trial, result.plan.fingerprint)
+        model = ranksearch.apply_plan(task.model, plan).eval()
+        if recalibration is not None:
+            recalibration(model, [c.name for c in plan.replaced])
         torch.manual_seed(0)  # as compare.py's fine-tune of every row
         task.fine_tune(model)
         model.eval()

@@ -49,11 +49,13 @@ SETTINGS = (("cnn", "convnet", ((0.45, 0.55), (0.5, 0.6), (0.566, 0.612), (0.65,
             ("minilm", "transformer", ((0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9))))
 
 
-def sensitivity_table(task: Task, inputs: tuple, space: ranksearch.SearchSpace) -> ranksearch.SensitivityTable:
-    """The table a search measures first (one trial under a FLOP budget: no latency timing)."""
+def sensitivity_table(task: Task, inputs: tuple, space: ranksearch.SearchSpace,
+                      calib_data: list | None = None) -> ranksearch.SensitivityTable:
+    """The table a search measures first (one trial under a FLOP budget: no latency timing); with
+    ``calib_data``, scored with BatchNorm statistics re-estimated, as compare.py's searches score."""
     try:
         result = ranksearch.optimize(task.model, inputs, target_flops=0.5, eval_fn=task.val_score, n_trials=1,
-                                     search_space=space, seed=0, show_progress_bar=False)
+                                     search_space=space, seed=0, show_progress_bar=False, calib_data=calib_data)
         return result.sensitivity
     except ranksearch.TargetUnreachableError as exc:
         return exc.sensitivity
@@ -72,7 +74,7 @@ def compare_searches(settings: Sequence[tuple[str, str, int, Sequence[tuple[str,
     for name, space_name, trials, batches in settings:
         task = TASKS[name]()
         space, _ = benchmark_space(space_name)
-        table = sensitivity_table(task, task.inputs["batch 1"], space)
+        table = sensitivity_table(task, task.inputs["batch 1"], space, calib_data=task.calib_data)
         for batch, target in batches:
             yield name, task, space, table, trials, batch, target
 

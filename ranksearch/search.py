@@ -431,8 +431,8 @@ def _batchnorm_recalibration(wanted: Any, reference: nn.Module, inputs: tuple[An
     if wanted:
         held = "is not given" if batches is None else f"holds {recalibration.items} items"
         raise InvalidInputsError(
-            f"recalibrate_batchnorm=True re-estimates BatchNorm statistics on calib_data, which {held}; pass at least {MIN_CALIBRATION_ITEMS} real inputs (e.g. a few hundred "
-            "training items in batches) as calib_data")
+            f"recalibrate_batchnorm=True re-estimates BatchNorm statistics on calib_data, which {held}; pass at "
+            f"least {MIN_CALIBRATION_ITEMS} real inputs (e.g. a few hundred training items in batches) as calib_data")
     if batches:
         log.info("calib_data holds %d items, fewer than the %d that BatchNorm statistics are re-estimated on; "
                  "plans are scored with the original's statistics", recalibration.items, MIN_CALIBRATION_ITEMS)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -279,3 +280,52 @@ def test_the_same_plan_from_a_baseline_and_from_ranksearch_is_timed_once(monkeyp
     bench.verified_plan(setting, row, (7, plan, model, 0.34), lambda missed: None)
     assert len(timed) == 1
     assert row.latency == baseline.latency and row.meets and baseline.meets
+
+
+def test_ranksearch_is_also_compared_with_every_baseline_given_its_batchnorm_reestimation() -> None:
+    """A baseline that the re-estimation lifts above ranksearch makes that verdict a loss, while the
+    verdict against the baselines as published stands; where no row has BatchNorm, dashes."""
+    plain, lifted, ours_scores = (_scores([1.0] * right + [0.0] * (100 - right)) for right in (60, 99, 95))
+    latency = compare.Latency(0.50, 0.49, 0.51, 1.0)
+    ours = compare.Row("cnn", "batch 1", 0.5, "ranksearch", latency=latency,
+                       quality=compare.Quality(0.97, ours_scores, ours_scores, test_bn=ours_scores))
+    energy = compare.Row("cnn", "batch 1", 0.5, "energy", latency=latency,
+                         quality=compare.Quality(0.60, plain, plain, test_bn=lifted))
+    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    bench.rows = [ours, energy]
+    lines, (record,) = bench.verdicts()
+    assert record["ranksearch"] == "yes" and record[compare.BN_VERDICT] == "no"
+    assert lines[2].endswith("| energy: 0.50, 0.9900 | **no** (-0.0400) |")
+    header, body = bench._row_table([ours, energy])
+    assert body[1][header.index("acc, BN re-estimated")] == "0.9900"
+
+    for row in bench.rows:
+        row.quality.test_bn = None
+    lines, (record,) = bench.verdicts()
+    assert compare.BN_VERDICT not in record and lines[2].endswith("| - | - |")
+    assert "acc, BN re-estimated" not in bench._row_table([ours, energy])[0]
+
+
+def test_a_baseline_s_model_is_scored_with_the_layers_after_its_first_decomposed_one_reestimated() -> None:
+    import ranksearch
+    from ranksearch.plan import CompressionPlan, LayerChoice
+    from tests.test_batchnorm import BatchNormNet
+
+    torch.manual_seed(0)
+    model = BatchNormNet().eval()
+    calib = [torch.randn(64, 1, 8, 8)]
+    seen: list[nn.Module] = []
+    task = SimpleNamespace(model=model, inputs={"batch 1": (torch.randn(1, 1, 8, 8),)}, calib_data=calib,
+                           test_scores=lambda m: seen.append(m) or _scores([1.0]))
+    compressed = ranksearch.apply_plan(model, CompressionPlan.for_model(model, [LayerChoice("conv2", "tucker2", (4, 4))]))
+    kept = {k: v.clone() for k, v in compressed.state_dict().items()}
+    compare.reestimated_test(task, compressed)
+    (scored,) = seen
+    expected = ranksearch.recalibrate_batchnorm(copy.deepcopy(compressed), calib, ["bn2", "bn3"])
+    assert torch.equal(scored.bn1.running_mean, model.bn1.running_mean)  # before conv2: kept
+    for name in ("bn2", "bn3"):  # after it: re-estimated on calib, as ranksearch does
+        assert torch.equal(scored.get_submodule(name).running_var, expected.get_submodule(name).running_var)
+        assert not torch.equal(scored.get_submodule(name).running_var, model.get_submodule(name).running_var)
+    assert all(torch.equal(v, kept[k]) for k, v in compressed.state_dict().items())  # scored on a copy
+    task.calib_data = None
+    assert compare.reestimated_test(task, compressed) is None

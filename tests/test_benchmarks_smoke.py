@@ -186,7 +186,7 @@ def test_cuts_bench_cuts_an_answer_three_ways_and_counts_the_best() -> None:
             return float((m(x).argmax(1) == labels).float().mean())
 
     task = SimpleNamespace(model=model, inputs={"batch 1": x}, val_score=accuracy,
-                           test_scores=lambda m: SimpleNamespace(headline=accuracy(m)))
+                           test_scores=lambda m: SimpleNamespace(headline=accuracy(m)), calib_data=None)
     table = sensitivity_table(task, x, SPACE)
     # latency: FLOPs as ms, so that the search and the cuts' timings do not depend on this machine
     seen = search_and_runner(task, SPACE, "batch 1", 0.6, 8, table, latency_clock="wall",
