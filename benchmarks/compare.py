@@ -98,7 +98,7 @@ from baselines import (
     uniform_choices,
 )
 import history
-from models import Task, TestScores, cnn_task, minilm_task
+from models import CALIBRATION_IMAGES, Task, TestScores, cnn_task, minilm_task
 
 import ranksearch
 from ranksearch import SearchSpace
@@ -279,7 +279,7 @@ class Quality:
     val_ft: float = math.nan  # the validation score after the fine-tune
     build_s: float = 0.0
     #: the test scores with the BatchNorm statistics re-estimated as ranksearch does
-    #: (``batchnorm_reestimated``); ``None`` where the task has no calibration data
+    #: (``reestimated_test``); ``None`` where the task has no calibration data
     test_bn: TestScores | None = None
 
     @property
@@ -1201,7 +1201,7 @@ class Benchmark:
             ("Against the best baseline that meets the target on measurement, by the headline test metric: "
              "*ranksearch* (`optimize` as it is: plans scored as they come out of the decomposition, with, on "
              "the CNN, the statistics of the BatchNorm layers after the first decomposed layer re-estimated on "
-             "128 training images, `calib_data`, which no published baseline does) without "
+             f"{CALIBRATION_IMAGES} training images, `calib_data`, which no published baseline does) without "
              "fine-tuning, and *ranksearch-ft* (`optimize(finetune_fn=...)` with this benchmark's fine-tune: "
              f"the best after fine-tuning of {FT_CANDIDATES} verified plans: the best one and a sensitivity seed, or "
              "the energy-threshold seed where the best comes from one (optimize's default, 4, goes on down the "
