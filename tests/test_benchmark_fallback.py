@@ -101,7 +101,7 @@ def test_a_plan_is_timed_once_per_setting_and_every_row_of_it_shows_that_timing(
     inputs = (torch.randn(1, 8),)
     setting = compare.Setting(SimpleNamespace(model=model), "batch 1", inputs, [], 1.0,
                               count_flops(model, inputs), count_params(model))
-    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    bench = compare.Benchmark(argparse.Namespace(quick=True, targets=(0.5, 0.35)))
     # the same plan returned at two targets (as VBMF's is at every target): timed once
     first, second = compare.Row("m", "batch 1", 0.5, "vbmf"), compare.Row("m", "batch 1", 0.35, "vbmf")
     bench.figures(setting, model, first, "vbmf:plan")
@@ -147,6 +147,61 @@ def test_a_final_timing_whose_rounds_spread_widely_gets_more_rounds(monkeypatch)
     asked.clear()
     assert compare.interleaved(model, model, (), rounds=5, round_s=0.2, max_spread=0.25, more=2).ratio == 0.70
     assert len(asked) == 1  # calm rounds: timed once
+
+
+def test_a_final_timing_close_to_a_target_is_timed_again_and_the_median_decides_a_split(monkeypatch) -> None:
+    from ranksearch.cost import LatencyRatio
+
+    def paired(ratio: float) -> LatencyRatio:
+        return LatencyRatio(ratio, (ratio,) * 5, 1.0, ratio, 20, "cpu", 1)
+
+    answers = iter([])
+    monkeypatch.setattr(compare, "measure_ratio", lambda *args, **kwargs: next(answers))
+    model = nn.Linear(2, 2)
+    limits = [0.35 * 1.03, 0.5 * 1.03]
+
+    def timed(*ratios: float) -> compare.Latency:
+        nonlocal answers
+        answers = iter([paired(r) for r in ratios])
+        latency = compare.interleaved(model, model, (), rounds=5, round_s=0.2, limits=limits, close_call=0.08)
+        assert next(answers, None) is None, "every answer given was asked for"
+        return latency
+
+    # far from every limit: timed once
+    far = timed(0.42)
+    assert (far.ratio, far.timings, far.close_call) == (pytest.approx(0.42), 1, False)
+    # a lucky 0.34 of a plan that times 0.39: the second timing disagrees on the side of 0.3605, a third
+    # decides by the median (over the limit: the plan misses 0.35x)
+    split = timed(0.34, 0.39, 0.40)
+    assert split.ratio == pytest.approx(0.39) and split.timings == 3 and split.close_call
+    assert not split.ratio <= limits[0]
+    # two timings on the same side: their mean counts, no third
+    agreed = timed(0.34, 0.35)
+    assert agreed.ratio == pytest.approx(0.345) and agreed.timings == 2
+    # the limit of another target counts as well (0.5 x 1.03)
+    assert timed(0.53, 0.54).ratio == pytest.approx(0.535)
+    # without limits, as before: one timing
+    answers = iter([paired(0.34)])
+    assert compare.interleaved(model, model, (), rounds=5, round_s=0.2).timings == 1
+
+
+def test_the_benchmark_times_each_plan_against_the_limits_of_every_target_of_the_run(monkeypatch) -> None:
+    asked: list[dict] = []
+
+    def interleaved(original, compressed, inputs, *, rounds, round_s, **retiming):
+        asked.append(retiming)
+        return compare.Latency(0.36, 0.35, 0.37, 1.0, timings=2, close_call=True)
+
+    monkeypatch.setattr(compare, "interleaved", interleaved)
+    model = nn.Linear(8, 2)
+    inputs = (torch.randn(1, 8),)
+    setting = compare.Setting(SimpleNamespace(model=model), "batch 1", inputs, [], 1.0,
+                              count_flops(model, inputs), count_params(model))
+    bench = compare.Benchmark(argparse.Namespace(quick=False, targets=(0.7, 0.35)))
+    bench.figures(setting, model, compare.Row("m", "batch 1", 0.7, "vbmf"), "vbmf:plan")
+    assert asked[0]["limits"] == [pytest.approx(0.7 * 1.03), pytest.approx(0.35 * 1.03)]
+    assert asked[0]["close_call"] == compare.CLOSE_CALL > 0
+    assert "1 of the 1 plans timed were close calls" in bench.close_calls()
 
 
 def _scores(per_item: list[float]) -> compare.TestScores:
@@ -265,7 +320,7 @@ def test_the_same_plan_from_a_baseline_and_from_ranksearch_is_timed_once(monkeyp
     inputs = (torch.randn(1, 8),)
     setting = compare.Setting(SimpleNamespace(model=model, name="m"), "batch 1", inputs, [], 1.0,
                               count_flops(model, inputs), count_params(model))
-    bench = compare.Benchmark(argparse.Namespace(quick=True))
+    bench = compare.Benchmark(argparse.Namespace(quick=True, targets=(0.5,)))
     choices = {"0": ("svd", 2), "2": ("svd", 1)}
     # a uniform-ratio baseline tuned onto these choices (its knob bisection measures 0.34)
     knob = compare.Knob("uniform-svd", lambda value: choices, compare.choices_key, lambda c: 0.34, 0.05, 0.9, 2)
