@@ -36,7 +36,8 @@ measured latency of the structure with random weights (latency does not depend o
 the final model is built with real weights, timed interleaved with the original (in alternating
 blocks of about 10 ms, ``ranksearch.cost.measure_ratio``: the median over pairs of their ratio,
 spread = range of that median over consecutive rounds of the pairs; timed longer when they spread
-widely), scored on a test split no search or knob ever saw,
+widely, and timed again when the ratio lands close to a target's limit, as the search decides its own
+close calls), scored on a test split no search or knob ever saw,
 fine-tuned the same short way as every other row, and scored again (the fine-tuned model is kept
 where the fine-tune raised the validation score, else the model as it was: for every row alike, as
 ``optimize(finetune_fn=...)`` keeps a fine-tune). All timings: one thread,
