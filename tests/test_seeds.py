@@ -315,6 +315,32 @@ def test_of_the_uniform_seeds_only_the_best_family_on_the_prediction_is_fitted_o
     assert len(uniform_seeds(counted)) >= 3
 
 
+def test_at_the_space_s_floor_the_uniform_family_whose_cheapest_plan_is_predicted_fastest_is_fitted_first() -> None:
+    """No family's plan predicted within the budget: the fits on timings go in the order of each
+    family's cheapest plan, predicted fastest first (not the order of the names); a family with a
+    plan within the budget still comes before them, by its score."""
+    from types import SimpleNamespace
+
+    from ranksearch.trials import TrialRunner
+
+    def family(cheapest_ms: float, fits_from: float | None = None):
+        # the family's plan at cost fraction f: predicted to take cheapest_ms at the cheap end, more above
+        return lambda fraction: {"ms": cheapest_ms + 10 * (fraction - 0.05), "fits": fits_from is not None
+                                 and fraction <= fits_from}
+
+    runner = SimpleNamespace(
+        feasible=lambda choices: choices["fits"],
+        predictor=SimpleNamespace(predict=lambda choices: choices["ms"]),
+        make_plan=lambda choices, origin: choices,
+        workbench=SimpleNamespace(apply=lambda plan: plan),
+        score=lambda model, plan: 0.5,
+    )
+    floor = {"channel": family(12.1), "spatial": family(11.1), "tucker2": family(7.6)}
+    assert TrialRunner.by_predicted_score(runner, floor, 0.05, 0.9) == ["tucker2", "spatial", "channel"]
+    within = {**floor, "channel": family(12.1, fits_from=0.3)}
+    assert TrialRunner.by_predicted_score(runner, within, 0.05, 0.9) == ["channel", "tucker2", "spatial"]
+
+
 def test_a_cheaper_plan_of_a_fitted_knob_that_scores_higher_is_queued_after_its_fitted_seed(trained) -> None:
     """Each budget-fitted seed (energy threshold, uniform ratio per family) is followed by the knob's
     plan a little cheaper that scored above it, if one did: with a score that rewards cheaper plans,
