@@ -17,6 +17,8 @@ from ranksearch.plan import CompressionPlan, LayerChoice
 from ranksearch.workbench import ModelWorkbench
 from examples.digits import accuracy, load_digits_tensors
 
+from .training import train_full_batch
+
 
 class BatchNormNet(nn.Module):
     """Three 3x3 convs with batch norm on 8x8 digits, pooled, a linear classifier."""
@@ -39,14 +41,7 @@ class BatchNormNet(nn.Module):
 def trained():
     torch.manual_seed(0)
     data = load_digits_tensors(8)
-    model = BatchNormNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(40):
-        loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model = train_full_batch(BatchNormNet(), data.x_train, data.y_train, steps=40, lr=1e-2)
     return model.eval(), data
 
 

@@ -16,18 +16,15 @@ from ranksearch.report import write_report
 from ranksearch.final_checks import _distinct_plans
 from examples.digits import accuracy, load_digits_tensors
 
+from .training import train_full_batch
+
 
 @pytest.fixture(scope="module")
 def digits_mlp():
     torch.manual_seed(0)
     data = load_digits_tensors(8)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_full_batch(model, data.x_train, data.y_train, steps=60, lr=1e-2)
     return model.eval(), data
 
 
@@ -39,13 +36,7 @@ def _fine_tune(data, seen: list[nn.Module] | None = None):
             seen.append(model)
         params = [p for p in model.parameters()]
         assert params and all(p.requires_grad for p in params)  # the search's frozen copies are trainable again
-        optimizer = torch.optim.Adam(params, lr=3e-3)
-        model.train()
-        for _ in range(10):
-            loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_full_batch(model, data.x_train, data.y_train, steps=10, lr=3e-3)
 
     return finetune_fn
 

@@ -16,18 +16,15 @@ import ranksearch.study
 from ranksearch.cost import count_flops, measure_latency
 from examples.digits import accuracy, load_digits_tensors
 
+from .training import train_full_batch
+
 
 def _train_mlp(hidden: int, epochs: int = 60) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     data = load_digits_tensors(8)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                           nn.Linear(hidden, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):  # full batch: a second or two
-        loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_full_batch(model, data.x_train, data.y_train, steps=epochs, lr=1e-2)
     return model.eval(), data
 
 
