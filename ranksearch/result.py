@@ -64,6 +64,16 @@ def spares_text(spares: list[ParetoPoint]) -> str:
                      f"score {p.score:.4f}" for p in spares)
 
 
+def near_misses_text(points: list[ParetoPoint], target_ms: float) -> str:
+    """Near misses in one line: each one's trial, latency (its final check, else its trial's timing)
+    and how far over ``target_ms``, and score."""
+    def timed(p: ParetoPoint) -> float:
+        return p.checked_latency_ms or p.measured_latency_ms or math.nan
+
+    return "; ".join(f"trial {p.trial}, {timed(p):.3f} ms ({timed(p) / target_ms - 1:+.1%}), score {p.score:.4f}"
+                     for p in points)
+
+
 @dataclass
 class SearchResult:
     """The outcome of :func:`ranksearch.optimize`.
@@ -80,6 +90,12 @@ class SearchResult:
             is the answer's trial; see :meth:`headroom_spares`), for a device that times the answer
             slower, on the front or not (with ``finetune_fn``, the plan returned may be behind another
             on the front before fine-tuning, and so its spare).
+        near_misses: plans timed at most 10% over the latency accepted (the target and its tolerance;
+            their final check, else their trial's timing) that score far above the answer - at least
+            half way from its score back to the original's - best first; usually empty. Not empty when
+            the target sits near the fastest the space allows and the plans under it lost much more
+            than those just over: what a slightly looser target would buy. Scores are as decomposed,
+            compared with the answer's before any fine-tune.
         targets: the budgets, as absolute numbers.
         prediction_error: how far predicted model latency was from full-model measurements.
         message: a sentence on what happened (e.g. the original already met the target).
@@ -98,6 +114,7 @@ class SearchResult:
     baseline: ModelStats
     final: ModelStats
     pareto: list[ParetoPoint] = field(default_factory=list)
+    near_misses: list[ParetoPoint] = field(default_factory=list)
     targets: dict[str, float] = field(default_factory=dict)
     prediction_error: dict[str, Any] | None = None
     message: str = ""
@@ -138,6 +155,10 @@ class SearchResult:
         if spares:
             lines += ["", "Headroom spares (the plan cut under the target, for a device that times it slower; "
                       f"headroom_spares()): {spares_text(spares)}"]
+        target_ms = self.targets.get("latency_ms")
+        if self.near_misses and target_ms:
+            lines += ["", ("Just over the latency target, scoring far higher (near_misses; a looser target would "
+                           f"allow them): {near_misses_text(self.near_misses, target_ms)}")]
         if self.message:
             lines.insert(0, self.message + "\n")
         return "\n".join(lines)

@@ -1405,3 +1405,62 @@ def test_the_scored_cut_returns_the_table_s_cut_where_that_scores_higher() -> No
     # the greedy's own path, "b" down first, is what it returns when the table's cut scores lower
     assert scored_cut(runner, table, plan, within(12), lambda c: score_of(c) - 0.1 * (c == table_cut), 0.9) == {
         "a": ("svd", 5), "b": ("svd", 7)}
+
+
+def test_plans_timed_just_over_the_target_that_score_far_higher_are_reported_as_near_misses() -> None:
+    """At the space's floor the plans under a target can score far below those just over it: the result
+    names the plans timed at most 10% over the accepted limit (their final check, else their trial's
+    timing) that win back at least half of what the answer lost against the original, scoring the ones
+    the trials pruned unscored (at most three plans), and its summary says what they would cost."""
+    from types import SimpleNamespace
+
+    from ranksearch.final_checks import _near_misses
+    from ranksearch.plan import CompressionPlan
+    from ranksearch.result import ModelStats, SearchResult
+
+    target_ms, limit_ms, original_score = 10.0, 10.3, 0.99
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    study = optuna.create_study(directions=["maximize", "minimize"])
+
+    def add(rank: int, measured_ms: float, score: float | None = None) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            state=pruned if score is None else complete, values=None if score is None else [score, measured_ms],
+            user_attrs={"plan": [{"name": "fc", "method": "svd", "rank": rank}], "measured_latency_ms": measured_ms,
+                        "flops": 100 * rank, "params": 10 * rank},
+            constraints={"latency": measured_ms / target_ms - 1}))
+
+    add(2, 9.5, score=0.40)  # 0: the answer
+    add(8, 10.8)  # 1: pruned on its timing, 4.9% over the limit
+    add(6, 9.9, score=0.85)  # 2: met the target in its trial, its final check 10.9
+    add(16, 12.5)  # 3: too far over
+    add(4, 10.5)  # 4: near, but it wins back too little
+    add(3, 10.2)  # 5: over the target, within the tolerance: it meets
+    add(8, 10.6)  # 6: trial 1's plan again, timed closer
+    add(12, 11.0)  # 7: near, but the fourth nearest plan
+    study.set_user_attr("final_checks", {"0": 9.8, "2": 10.9})
+
+    plan_scores = {8: 0.90, 4: 0.45, 3: 0.95, 12: 0.97, 16: 0.98}
+    scored: list[int] = []
+
+    def score(plan: CompressionPlan) -> float:
+        (choice,) = plan.replaced
+        scored.append(choice.rank)
+        return plan_scores[choice.rank]
+
+    search = SimpleNamespace(fingerprint={}, build=lambda plan: plan, score=score)
+    near = _near_misses(study, search, limit_ms, answer_score=0.40, original_score=original_score)
+    assert [(p.trial, p.score) for p in near] == [(6, 0.90), (2, 0.85)]
+    assert sorted(scored) == [4, 8]  # the pruned plans among the three nearest, each once; trial 2 has its score
+    assert near[1].checked_latency_ms == 10.9 and near[0].measured_latency_ms == 10.6
+    # nothing worth reporting when the answer lost little
+    assert _near_misses(study, search, limit_ms, answer_score=0.98, original_score=original_score) == []
+
+    answer = ModelStats(9.8, 0.02, 200, 20, 0.40)
+    result = SearchResult(model=nn.Linear(2, 2), plan=CompressionPlan.from_dict({"layers": study.trials[0].user_attrs["plan"]}),
+                          study=study, baseline=ModelStats(20.0, 0.02, 1000, 100, original_score), final=answer,
+                          near_misses=near, targets={"latency_ms": target_ms})
+    summary = result.summary()
+    assert "near_misses" in summary and "trial 6, 10.600 ms (+6.0%), score 0.9000" in summary
+    assert "trial 2, 10.900 ms (+9.0%), score 0.8500" in summary
+    assert "near_misses" not in SearchResult(model=result.model, plan=result.plan, study=study, baseline=result.baseline,
+                                             final=answer, targets=result.targets).summary()
