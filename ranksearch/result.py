@@ -157,8 +157,8 @@ class SearchResult:
                       f"headroom_spares()): {spares_text(spares)}"]
         target_ms = self.targets.get("latency_ms")
         if self.near_misses and target_ms:
-            lines += ["", ("Just over the latency target, scoring far higher (near_misses; a looser target would "
-                           f"allow them): {near_misses_text(self.near_misses, target_ms)}")]
+            lines += ["", ("Just over the latency target, winning back most of what the answer lost (near_misses; a "
+                           f"looser target would allow them): {near_misses_text(self.near_misses, target_ms)}")]
         if self.message:
             lines.insert(0, self.message + "\n")
         return "\n".join(lines)

@@ -1464,3 +1464,19 @@ def test_plans_timed_just_over_the_target_that_score_far_higher_are_reported_as_
     assert "trial 2, 10.900 ms (+9.0%), score 0.8500" in summary
     assert "near_misses" not in SearchResult(model=result.model, plan=result.plan, study=study, baseline=result.baseline,
                                              final=answer, targets=result.targets).summary()
+
+
+def test_a_search_reports_the_plans_it_timed_just_over_the_target_that_score_closer_to_the_original() -> None:
+    model, data = _train_mlp(96)
+    result = ranksearch.optimize(model, data.x_test[:16], target_latency_ratio=0.3, n_trials=12, seed=0,
+                                 show_progress_bar=False, eval_fn=lambda m: accuracy(m, data.x_test, data.y_test),
+                                 latency_fn=lambda m, x: count_flops(m, x) / 1e5)
+    limit = result.targets["latency_ms"] * (1 + 0.05)  # optimize's default latency_tolerance
+    answer, original = result.final.score, result.baseline.score
+    assert result.near_misses, "this search times plans just over its target that score above its answer"
+    for point in result.near_misses:
+        timed = point.checked_latency_ms or point.measured_latency_ms
+        assert limit < timed <= limit * 1.10
+        assert point.score > answer and point.score >= answer + 0.5 * (original - answer)
+        assert point.trial != result.plan.metadata["trial"]
+    assert f"trial {result.near_misses[0].trial}, " in result.summary()
