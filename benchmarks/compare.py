@@ -892,6 +892,10 @@ class Benchmark:
         extra = collections.Counter(t.user_attrs.get("move", "extra") for t in result.study.trials[trials:])
         row.knob = (f"{trials} trials{''.join(f' + {n} {move}' for move, n in sorted(extra.items()))}; "
                     f"{len(plan.replaced)} layers: {', '.join(methods)}")
+        if result.near_misses:  # what the search tells its user a slightly looser target would buy
+            row.note = _join(row.note, "near misses (val, latency in the search): " + "; ".join(
+                f"trial {p.trial} {p.score:.4f} at {ratio(p.checked_latency_ms or p.measured_latency_ms):.2f}"
+                for p in result.near_misses))
 
         # ranksearch-ft: the best after fine-tuning; on a miss, a Pareto plan fine-tuned in its place
         # (FineTunedCandidates; what a user does with result.pareto), and the best after fine-tuning
