@@ -894,7 +894,7 @@ class Benchmark:
                     f"{len(plan.replaced)} layers: {', '.join(methods)}")
         if result.near_misses:  # what the search tells its user a slightly looser target would buy
             row.note = _join(row.note, "near misses (val, latency in the search): " + "; ".join(
-                f"trial {p.trial} {p.score:.4f} at {ratio(p.checked_latency_ms or p.measured_latency_ms):.2f}"
+                f"trial {p.trial} {p.score:.4f} at {ratio(p.timed_latency_ms):.2f}"
                 for p in result.near_misses))
 
         # ranksearch-ft: the best after fine-tuning; on a miss, a Pareto plan fine-tuned in its place

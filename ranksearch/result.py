@@ -48,6 +48,11 @@ class ParetoPoint:
     spare_for: int | None = None
 
     @property
+    def timed_latency_ms(self) -> float | None:
+        """Its latency as last timed: the final check's, else its trial's measurement."""
+        return self.checked_latency_ms or self.measured_latency_ms
+
+    @property
     def trial_latency_ms(self) -> float | None:
         """Its latency in its trial: measured there, else predicted."""
         return self.measured_latency_ms or self.latency_ms
@@ -67,11 +72,8 @@ def spares_text(spares: list[ParetoPoint]) -> str:
 def near_misses_text(points: list[ParetoPoint], target_ms: float) -> str:
     """Near misses in one line: each one's trial, latency (its final check, else its trial's timing)
     and how far over ``target_ms``, and score."""
-    def timed(p: ParetoPoint) -> float:
-        return p.checked_latency_ms or p.measured_latency_ms or math.nan
-
-    return "; ".join(f"trial {p.trial}, {timed(p):.3f} ms ({timed(p) / target_ms - 1:+.1%}), score {p.score:.4f}"
-                     for p in points)
+    return "; ".join(f"trial {p.trial}, {p.timed_latency_ms or math.nan:.3f} ms "
+                     f"({(p.timed_latency_ms or math.nan) / target_ms - 1:+.1%}), score {p.score:.4f}" for p in points)
 
 
 @dataclass
